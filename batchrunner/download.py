@@ -1,0 +1,102 @@
+"""Streaming a finished task's file to its final path, atomically, and verifying it.
+
+The bytes go to a hidden temp file beside the destination, with the sha256 computed on
+the way; the size is checked against Content-Length, the type is sniffed from the first
+bytes (the extension comes from what the file *is*), then fsync and ``os.replace``. A file
+at its final path is therefore always whole; a cut download raises :class:`DownloadError`
+and leaves nothing behind. A sidecar ``<file>.json`` records where the file came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import anyio
+
+from .client import Client
+from .errors import DownloadError, redact
+
+EXT_FROM_TYPE = {
+    "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif",
+    "video/mp4": "mp4", "video/webm": "webm", "video/quicktime": "mov",
+    "audio/wav": "wav", "audio/x-wav": "wav", "audio/mpeg": "mp3", "audio/ogg": "ogg", "audio/flac": "flac",
+}  # fmt: skip
+
+
+def sniff(head: bytes) -> str | None:
+    """The extension of a media file from its first bytes, or None if unrecognised."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[4:8] == b"ftyp":
+        return "mov" if head[8:10] == b"qt" else "mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "webm"
+    if head.startswith(b"OggS"):
+        return "ogg"
+    if head.startswith(b"fLaC"):
+        return "flac"
+    if head.startswith(b"ID3") or head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return "mp3"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A verified file at its final place (``path`` relative to the output folder)."""
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+async def fetch(client: Client, task_id: str, out_dir: Path, rel_template: str) -> Fetched:
+    """Download ``task_id``'s result to ``out_dir / rel_template`` (``{ext}`` from the real type)."""
+    draft = out_dir / rel_template.replace("{ext}", "part")
+    draft.parent.mkdir(parents=True, exist_ok=True)
+    tmp = draft.with_name(f".{draft.name}.{secrets.token_hex(4)}.tmp")
+    digest, size, head = hashlib.sha256(), 0, b""
+    try:
+        async with client.download(task_id) as dl:
+            async with aiofiles.open(tmp, "wb") as f:
+                async for chunk in dl.chunks():
+                    if len(head) < 16:
+                        head += chunk[:16]
+                    digest.update(chunk)
+                    size += len(chunk)
+                    await f.write(chunk)
+                await f.flush()
+                await anyio.to_thread.run_sync(os.fsync, f.fileno())
+            if dl.content_length is not None and size != dl.content_length:
+                raise DownloadError(f"download cut short: {size} of {dl.content_length} bytes")
+            if size == 0:
+                raise DownloadError("download was empty")
+            ext = sniff(head) or EXT_FROM_TYPE.get(dl.content_type, "bin")
+        rel = rel_template.replace("{ext}", ext)
+        os.replace(tmp, out_dir / rel)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return Fetched(rel, digest.hexdigest(), size)
+
+
+def write_sidecar(path: Path, record: dict[str, Any]) -> None:
+    """``<file>.json`` beside a result: model, prompt, parameters, task id, timings (key redacted)."""
+    sidecar = path.with_name(path.name + ".json")
+    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
+    tmp.write_text(redact(json.dumps(record, indent=2, ensure_ascii=False, default=str)) + "\n", encoding="utf-8")
+    os.replace(tmp, sidecar)

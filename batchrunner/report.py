@@ -1,0 +1,179 @@
+"""report.json, report.csv and report.html of an output directory, written from the store alone.
+
+Rewritten at the end of every run (complete, failed, stopped or interrupted) and by
+``batchrunner report DIR``. Everything that leaves here passes through :func:`redact`.
+The HTML page is self-contained (inline CSS and a few lines of script, no CDN) and links
+files relatively, so the output folder can be zipped and opened anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .errors import redact
+from .store import Store
+
+CSV_COLUMNS = ("id", "state", "model", "modality", "path", "sha256", "bytes", "task_id", "submits", "ambiguous", "error", "prompt")
+GALLERY_LIMIT = 5000
+_IMAGE = {"png", "jpg", "jpeg", "webp", "gif"}
+_VIDEO = {"mp4", "webm", "mov"}
+_AUDIO = {"wav", "mp3", "ogg", "flac"}
+
+
+def _job_record(row: Any) -> dict[str, Any]:
+    spec = json.loads(row["spec"])
+    body = spec["body"]
+    fields = body.get("input", body) if isinstance(body.get("input", body), dict) else {}
+    return {
+        "id": row["id"], "state": row["state"], "model": row["model"], "modality": row["modality"],
+        "path": row["path"], "sha256": row["sha256"], "bytes": row["bytes"], "task_id": row["task_id"],
+        "submits": row["submits"], "ambiguous": row["ambiguous"], "error": row["error"],
+        "prompt": str(fields.get("prompt", "")), "parameters": {k: v for k, v in fields.items() if k not in ("prompt", "model")},
+        "vars": spec.get("vars", {}), "variant": spec.get("variant"),
+    }  # fmt: skip
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(redact(text), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_reports(store: Store, *, wall_s: float | None = None, outcome: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """Write the three reports into the store's directory; return the summary."""
+    jobs = [_job_record(r) for r in store.rows()]
+    counts = dict(Counter(j["state"] for j in jobs))
+    totals = store.totals()
+    prices = [r for r in store.conn.execute("SELECT credits FROM jobs WHERE in_manifest = 1")]
+    planned = None if any(p[0] is None for p in prices) else sum(p[0] for p in prices)
+    summary: dict[str, Any] = {
+        "campaign": store.meta("campaign"),
+        "outcome": outcome,
+        "error": error,
+        "jobs": len(jobs),
+        "counts": counts,
+        "ambiguous_resubmitted": totals["ambiguous_resubmitted"],
+        "submits": totals["submits"],
+        "credits": {"spent": totals["credits_spent"], "planned": planned},
+        "wall_s": round(wall_s, 3) if wall_s is not None else None,
+        "runs": len(store.runs()),
+        "models": sorted({j["model"] for j in jobs}),
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    out = store.out_dir
+    _atomic_write(out / "report.json", json.dumps({"summary": summary, "jobs": jobs}, indent=1, ensure_ascii=False, default=str))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(jobs)
+    _atomic_write(out / "report.csv", buf.getvalue())
+    _atomic_write(out / "report.html", render_html(summary, jobs, store.meta("group_var") or None))
+    return summary
+
+
+def _e(value: Any) -> str:
+    return html.escape(redact(str(value)), quote=True)
+
+
+def _media(job: dict[str, Any]) -> str:
+    path = job["path"] or ""
+    src = _e("/".join(map(_quote, path.split("/"))))
+    ext = path.rsplit(".", 1)[-1].lower()
+    alt = _e(job["prompt"][:120])
+    if ext in _IMAGE:
+        return f'<img src="{src}" alt="{alt}" loading="lazy">'
+    if ext in _VIDEO:
+        return f'<video src="{src}" controls muted loop playsinline preload="metadata"></video>'
+    if ext in _AUDIO:
+        return f'<audio src="{src}" controls preload="none"></audio>'
+    return f'<a class="file" href="{src}">{_e(path)}</a>'
+
+
+def _quote(segment: str) -> str:
+    from urllib.parse import quote
+
+    return quote(segment)
+
+
+def render_html(summary: dict[str, Any], jobs: list[dict[str, Any]], group_var: str | None) -> str:
+    """The gallery page: summary, results grouped by ``group_var``, failures with reasons, filters."""
+    done = [j for j in jobs if j["state"] == "done" and j["path"]]
+    failed = [j for j in jobs if j["state"] == "failed"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for job in done[:GALLERY_LIMIT]:
+        key = str(job["vars"].get(group_var, "—")) if group_var else "all results"
+        groups.setdefault(key, []).append(job)
+    credits = summary["credits"]
+    planned = "" if credits["planned"] is None else f" of {credits['planned']:g} planned"
+    counts = " · ".join(f'<b>{n}</b> {_e(state)}' for state, n in sorted(summary["counts"].items())) or "no jobs"
+    models = sorted({j["model"] for j in jobs})
+    options = "".join(f'<option value="{_e(m)}">{_e(m)}</option>' for m in models)
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>{_e(summary['campaign'] or 'batchrunner')} — report</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<header><h1>{_e(summary['campaign'] or 'batchrunner')}</h1>",
+        f"<p class=counts>{counts}</p>",
+        f"<p>{summary['jobs']} jobs · outcome <b>{_e(summary['outcome'] or '—')}</b>"
+        f" · credits spent {credits['spent']:g}{planned}"
+        f" · wall time {_e(summary['wall_s'] if summary['wall_s'] is not None else '—')} s"
+        f" · ambiguous resubmits {summary['ambiguous_resubmitted']}</p>",
+        f"<p>models: {_e(', '.join(models))}</p>",
+        f'<p class=filters><label>model <select id=fmodel><option value="">all</option>{options}</select></label></p>',
+        "</header><main>",
+    ]
+    if summary.get("error"):
+        parts.append(f"<p class=error>run stopped: {_e(summary['error'])}</p>")
+    if len(done) > GALLERY_LIMIT:
+        parts.append(f"<p>showing the first {GALLERY_LIMIT} of {len(done)} results — report.csv lists them all</p>")
+    for key, members in groups.items():
+        parts.append(f"<section><h2>{_e(group_var or '')} {_e(key)} <small>({len(members)})</small></h2><div class=grid>")
+        for job in members:
+            params = ", ".join(f"{_e(k)}={_e(v)}" for k, v in job["parameters"].items())
+            parts.append(
+                f'<figure class=card data-model="{_e(job["model"])}">{_media(job)}<figcaption>'
+                f'<p class=prompt>{_e(job["prompt"])}</p><p><b>{_e(job["model"])}</b> {params}</p>'
+                f'<p class=path><a href="{_e("/".join(map(_quote, job["path"].split("/"))))}">{_e(job["path"])}</a></p></figcaption></figure>'
+            )
+        parts.append("</div></section>")
+    if failed:
+        parts.append("<section><h2>failed</h2><table><tr><th>job</th><th>model</th><th>prompt</th><th>reason</th></tr>")
+        for job in failed:
+            parts.append(
+                f'<tr class=card data-model="{_e(job["model"])}"><td>{_e(job["id"])}</td><td>{_e(job["model"])}</td>'
+                f'<td>{_e(job["prompt"])}</td><td>{_e(job["error"] or "")}</td></tr>'
+            )
+        parts.append("</table></section>")
+    pending = len(jobs) - len(done) - len(failed)
+    if pending:
+        parts.append(f"<p>{pending} jobs not finished yet — run the same command again to resume.</p>")
+    parts.append(f"</main><script>{SCRIPT}</script></body></html>")
+    return "\n".join(parts)
+
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f6f4;color:#222}
+header{background:#1d3557;color:#fff;padding:16px 24px}header h1{margin:0 0 6px}
+main{padding:16px 24px}h2{border-bottom:1px solid #ccc;padding-bottom:4px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:14px}
+figure{margin:0;background:#fff;border-radius:8px;box-shadow:0 1px 3px #0002;overflow:hidden}
+figure img,figure video{width:100%;aspect-ratio:1;object-fit:cover;background:#ddd;display:block}
+figure audio{width:100%;margin:12px 0}figcaption{padding:8px 10px}figcaption p{margin:2px 0}
+.prompt{font-style:italic}.path{font-family:monospace;font-size:12px;word-break:break-all}
+table{border-collapse:collapse;width:100%;background:#fff}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
+.error{color:#b00020;font-weight:bold}.filters select{margin-left:4px}
+"""
+SCRIPT = """
+document.getElementById('fmodel').addEventListener('change', function (e) {
+  var m = e.target.value;
+  document.querySelectorAll('.card').forEach(function (c) { c.style.display = (!m || c.dataset.model === m) ? '' : 'none'; });
+});
+"""

@@ -1,0 +1,359 @@
+"""SQLite state of one output directory: runs, jobs, events, and every job state transition.
+
+One file per output directory (``DIR/.batchrunner/state.sqlite``), WAL mode with
+``synchronous=NORMAL``: a committed transition survives the process being killed at any
+moment (the OS holds it), at a fraction of a full fsync's cost. Migrations are ordered
+and counted in ``PRAGMA user_version``. A second runner on the same directory is refused
+by an ``flock`` that the OS drops when the holder dies, so a SIGKILLed run never leaves a
+stale lock behind.
+
+The allowed transitions live in :data:`TRANSITIONS` and nowhere else; a transition is one
+``UPDATE … WHERE state IN (allowed sources)``, committed before the caller's next network
+call, so a racing or illegal change is refused rather than silently applied.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError, redact
+from .expand import JobSpec
+
+STATE_DIR = ".batchrunner"
+NOT_RETRYABLE, RESUBMIT, REPOLL = 0, 1, 2
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    DOWNLOADING = "downloading"
+    DONE = "done"
+    FAILED = "failed"
+
+
+S = JobState
+# target state -> the states it may be entered from
+TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
+    S.SUBMITTING: (S.PENDING,),
+    S.SUBMITTED: (S.SUBMITTING, S.DOWNLOADING, S.FAILED),  # a download to fetch again; a retry that re-polls its task
+    S.DOWNLOADING: (S.SUBMITTED,),
+    S.DONE: (S.DOWNLOADING,),
+    S.PENDING: (S.SUBMITTING, S.SUBMITTED, S.FAILED, S.DONE),  # not sent / task lost / retry / file gone
+    S.FAILED: (S.PENDING, S.SUBMITTING, S.SUBMITTED, S.DOWNLOADING),
+}
+
+MIGRATIONS = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY, started_at REAL NOT NULL, ended_at REAL, outcome TEXT, summary TEXT
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, idx INTEGER NOT NULL, model TEXT NOT NULL, modality TEXT NOT NULL,
+        spec TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'pending', in_manifest INTEGER NOT NULL DEFAULT 1,
+        task_id TEXT, submits INTEGER NOT NULL DEFAULT 0, ambiguous INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0, retryable INTEGER NOT NULL DEFAULT 0,
+        credits REAL, credits_spent REAL NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL, submitted_at REAL, finished_at REAL, updated_at REAL NOT NULL,
+        path TEXT, sha256 TEXT, bytes INTEGER, error TEXT
+    );
+    CREATE INDEX jobs_state ON jobs (state, in_manifest);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY, run_id INTEGER, job_id TEXT, at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT
+    );
+    """,
+)
+
+
+@dataclass(slots=True)
+class Job:
+    """A job as the runner works on it: its spec and its current place in the state machine."""
+
+    id: str
+    model: str
+    modality: str
+    body: dict[str, Any]
+    path: str
+    vars: dict[str, Any]
+    state: JobState
+    task_id: str | None
+    credits: float | None
+    submitted_at: float | None
+    final_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What ``sync`` found: jobs new to the store, and jobs already known by state."""
+
+    new: int
+    known: dict[str, int]
+    dropped: int
+
+
+class Store:
+    """The state of one output directory. Open with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, out_dir: Path, conn: sqlite3.Connection, lock_fd: int | None, clock: Callable[[], float]) -> None:
+        self.out_dir = out_dir
+        self.conn = conn
+        self._lock_fd = lock_fd
+        self.clock = clock
+        self.run_id: int | None = None
+
+    @classmethod
+    def open(cls, out_dir: Path, *, lock: bool = True, create: bool = True, clock: Callable[[], float] = time.time) -> Store:
+        """Open (creating with ``create``) the store of ``out_dir``; ``lock`` takes the directory for this process."""
+        state_dir = out_dir / STATE_DIR
+        db = state_dir / "state.sqlite"
+        if not create and not db.exists():
+            raise StateError(f"{out_dir} holds no batchrunner state — run `batchrunner run MANIFEST --out {out_dir}` first")
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create {state_dir}: {exc.strerror}") from exc
+        lock_fd = None
+        if lock:
+            lock_fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(lock_fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(lock_fd)
+                raise StateError(f"another batchrunner run (pid {holder}) is using {out_dir} — wait for it to finish, or stop it") from None
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, str(os.getpid()).encode(), 0)
+        try:
+            conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            store = cls(out_dir, conn, lock_fd, clock)
+            store._migrate()
+        except sqlite3.DatabaseError as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise StateError(f"{db} is not a usable batchrunner state file ({exc}) — move it away to start afresh") from exc
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StateError(f"{self.out_dir} was written by a newer batchrunner (state version {version}) — upgrade batchrunner")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    # -- campaign and runs ----------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def claim(self, campaign: str, *, force: bool = False) -> None:
+        """Bind this directory to a campaign; refuse another campaign's directory unless ``force``."""
+        current = self.meta("campaign")
+        if current is not None and current != campaign and not force:
+            raise StateError(
+                f"{self.out_dir} holds the state of campaign {current!r}, not {campaign!r} — "
+                "choose another --out, or pass --force to adopt it (its finished jobs are kept)"
+            )
+        self.set_meta("campaign", campaign)
+
+    def start_run(self) -> int:
+        cur = self.conn.execute("INSERT INTO runs (started_at) VALUES (?)", (self.clock(),))
+        self.run_id = int(cur.lastrowid or 0)
+        return self.run_id
+
+    def end_run(self, outcome: str, summary: dict[str, Any]) -> None:
+        if self.run_id is not None:
+            self.conn.execute(
+                "UPDATE runs SET ended_at = ?, outcome = ?, summary = ? WHERE id = ?", (self.clock(), outcome, json.dumps(summary), self.run_id)
+            )
+
+    def runs(self) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
+
+    # -- jobs -------------------------------------------------------------------------------
+    def sync(self, specs: list[JobSpec]) -> SyncResult:
+        """Insert new jobs; known jobs keep their state (and their finished file, moved if the path template changed)."""
+        now = self.clock()
+        before = dict(self.conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        known_paths = {r[0]: (r[1], r[2], r[3]) for r in self.conn.execute("SELECT id, state, spec, path FROM jobs")}
+        inserts, moves, known = [], [], dict.fromkeys(S, 0)
+        for spec in specs:
+            old = known_paths.get(spec.id)
+            if old is None:
+                inserts.append((spec.id, spec.index, spec.model, spec.modality, _spec_json(spec), spec.credits, now, now))
+                continue
+            known[S(old[0])] += 1
+            if json.loads(old[1])["path"] != spec.path:
+                moves.append((spec, old[0], old[2]))
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(
+                "INSERT INTO jobs (id, idx, model, modality, spec, credits, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)", inserts
+            )
+            self.conn.execute("UPDATE jobs SET in_manifest = 0")
+            self.conn.executemany("UPDATE jobs SET in_manifest = 1, idx = ?, credits = ? WHERE id = ?", ((s.index, s.credits, s.id) for s in specs))
+            for spec, state, old_final in moves:
+                self._move(spec, state, old_final)
+        dropped = sum(before.values()) - sum(known.values())
+        return SyncResult(new=len(inserts), known={str(k): v for k, v in known.items() if v}, dropped=dropped)
+
+    def _move(self, spec: JobSpec, state: str, old_final: str | None) -> None:
+        """The path template changed for a known job: follow it, moving a finished file instead of paying again."""
+        new_final = None
+        if state == S.DONE and old_final:
+            ext = Path(old_final).suffix.lstrip(".")
+            new_final = spec.path.replace("{ext}", ext)
+            src, dst = self.out_dir / old_final, self.out_dir / new_final
+            if src.exists() and src != dst:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+                sidecar = src.with_name(src.name + ".json")
+                if sidecar.exists():
+                    os.replace(sidecar, dst.with_name(dst.name + ".json"))
+        self.conn.execute("UPDATE jobs SET spec = ?, path = coalesce(?, path) WHERE id = ?", (_spec_json(spec), new_final, spec.id))
+
+    def recover(self) -> dict[str, int]:
+        """After a crash: a job caught mid-submit is ambiguous (resubmitted, counted); mid-download is re-polled."""
+        now = self.clock()
+        with self.conn:
+            self.conn.execute("BEGIN")
+            ids = [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'submitting'")]
+            self.conn.execute(
+                "UPDATE jobs SET state = 'pending', ambiguous = ambiguous + 1, updated_at = ? WHERE state = 'submitting'", (now,)
+            )
+            self.conn.executemany(
+                "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, 'ambiguous', ?)",
+                ((self.run_id, i, now, "a submit was in progress when the last run stopped; resubmitting") for i in ids),
+            )
+            cur = self.conn.execute("UPDATE jobs SET state = 'submitted', updated_at = ? WHERE state = 'downloading'", (now,))
+            missing = [
+                r[0]
+                for r in self.conn.execute("SELECT id, path FROM jobs WHERE state = 'done' AND in_manifest = 1")
+                if not (self.out_dir / r[1]).is_file()
+            ]
+            self.conn.executemany("UPDATE jobs SET state = 'pending', path = NULL, sha256 = NULL WHERE id = ?", ((i,) for i in missing))
+        return {"ambiguous": len(ids), "downloads_restarted": cur.rowcount, "files_missing": len(missing)}
+
+    def reset_failed(self, *, retryable_only: bool) -> int:
+        """Failed jobs back to work: the retryable ones on every run, all of them on ``retry``.
+
+        ``retryable`` is :data:`NOT_RETRYABLE` (the API failed the task: resubmitting costs
+        credits, so only ``retry`` does it), :data:`RESUBMIT` (never accepted: free to send
+        again) or :data:`REPOLL` (the task exists: poll and download it again, never resubmit).
+        """
+        where = "state = 'failed' AND in_manifest = 1" + (" AND retryable > 0" if retryable_only else "")
+        cur = self.conn.execute(
+            "UPDATE jobs SET state = CASE WHEN retryable = ? AND task_id IS NOT NULL THEN 'submitted' ELSE 'pending' END, "
+            f"error = NULL, retryable = 0, updated_at = ? WHERE {where}",
+            (REPOLL, self.clock()),
+        )
+        return cur.rowcount
+
+    def work(self) -> list[Job]:
+        """Jobs to work on, already-submitted first (their results are waiting), then in manifest order."""
+        rows = self.conn.execute(
+            "SELECT id, model, modality, spec, state, task_id, credits, submitted_at FROM jobs "
+            "WHERE in_manifest = 1 AND state IN ('pending', 'submitted') ORDER BY state = 'pending', idx"
+        )
+        jobs = []
+        for r in rows:
+            spec = json.loads(r[3])
+            jobs.append(Job(r[0], r[1], r[2], spec["body"], spec["path"], spec["vars"], S(r[4]), r[5], r[6], r[7]))
+        return jobs
+
+    def transition(self, job: Job, to: JobState, *, event: str | None = None, **fields: Any) -> None:
+        """Move ``job`` to ``to`` (setting ``fields``), committed now; refuses a move :data:`TRANSITIONS` does not allow."""
+        now = self.clock()
+        sets = ["state = ?", "updated_at = ?"] + [f"{name} = {_SET_EXPR.get(name, '?')}" for name in fields]
+        values: list[Any] = [str(to), now, *(redact(v) if isinstance(v, str) else v for v in fields.values())]
+        allowed = TRANSITIONS[to]
+        sql = f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({','.join('?' * len(allowed))})"
+        with self.conn:
+            self.conn.execute("BEGIN")
+            if self.conn.execute(sql, (*values, job.id, *map(str, allowed))).rowcount != 1:
+                raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
+            if event is not None:
+                self.conn.execute(
+                    "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", (self.run_id, job.id, now, str(to), redact(event))
+                )
+        job.state = to
+
+    def event(self, job_id: str | None, kind: str, detail: str) -> None:
+        self.conn.execute(
+            "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", (self.run_id, job_id, self.clock(), kind, redact(detail))
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT state, count(*) FROM jobs WHERE in_manifest = 1 GROUP BY state")
+        return {str(state): int(n) for state, n in rows}
+
+    def totals(self) -> dict[str, float]:
+        row = self.conn.execute(
+            "SELECT coalesce(sum(ambiguous), 0), coalesce(sum(credits_spent), 0), coalesce(sum(submits), 0) FROM jobs"
+        ).fetchone()
+        return {"ambiguous_resubmitted": int(row[0]), "credits_spent": float(row[1]), "submits": int(row[2])}
+
+    def durations(self) -> Iterable[tuple[str, float]]:
+        """(model, seconds from submit to result) of finished jobs, to learn when to poll."""
+        return self.conn.execute(
+            "SELECT model, finished_at - submitted_at FROM jobs WHERE state = 'done' AND finished_at > submitted_at ORDER BY finished_at DESC LIMIT 5000"
+        ).fetchall()
+
+    def rows(self, *, states: Iterable[str] | None = None) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM jobs WHERE in_manifest = 1"
+        params: tuple[str, ...] = ()
+        if states is not None:
+            params = tuple(states)
+            sql += f" AND state IN ({','.join('?' * len(params))})"
+        return self.conn.execute(sql + " ORDER BY idx", params).fetchall()
+
+    def done_ids(self) -> set[str]:
+        return {r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'done'")}
+
+
+def peek(out_dir: Path) -> tuple[set[str], float]:
+    """(ids of finished jobs, credits spent) of ``out_dir`` without locking or creating anything."""
+    db = out_dir / STATE_DIR / "state.sqlite"
+    if not db.exists():
+        return set(), 0.0
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            done = {r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'done'")}
+            spent = float(conn.execute("SELECT coalesce(sum(credits_spent), 0) FROM jobs").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StateError(f"{db} is not a usable batchrunner state file ({exc}) — move it away to start afresh") from exc
+    return done, spent
+
+
+# fields whose new value is added to the old one rather than replacing it
+_SET_EXPR = {"submits": "submits + ?", "attempts": "attempts + ?", "credits_spent": "credits_spent + ?", "ambiguous": "ambiguous + ?"}
+
+
+def _spec_json(spec: JobSpec) -> str:
+    return json.dumps({"body": spec.body, "path": spec.path, "variant": spec.variant, "vars": spec.vars}, separators=(",", ":"), default=str)
