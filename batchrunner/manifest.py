@@ -153,13 +153,13 @@ def load(path: str | Path) -> Manifest:
     return manifest
 
 
-def _csv_jobs(path: Path, text: str, problems: list[Problem]) -> list[JobDef]:
+def _csv_jobs(path: Path, text: str, problems: list[Problem], *, standalone: bool = True) -> list[JobDef]:
     """One job per row: fixed columns, ``options.X`` / ``input.X`` columns, the rest model fields."""
     name = str(path)
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
-    if "model" not in header and "prompt" not in header:
+    if "model" not in header and (standalone or "prompt" not in header):
         problems.append(Problem(name, 1, f"a CSV manifest needs a 'model' column (and usually 'prompt'); found: {', '.join(header) or 'none'}"))
         return []
     for i, column in enumerate(header):
@@ -288,7 +288,7 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
             except OSError:
                 bad("jobs_csv", f"{csv_path} cannot be read — check the path (relative to the manifest's folder)")
             else:
-                jobs.extend(JobDef(j.fields, len(jobs) + j.index, j.file) for j in _csv_jobs(csv_path, csv_text, problems))
+                jobs.extend(JobDef(j.fields, len(jobs) + j.index, j.file) for j in _csv_jobs(csv_path, csv_text, problems, standalone=False))
     if not jobs and "jobs" not in doc and "jobs_csv" not in doc:
         problems.append(Problem(name, doc.line or 1, "no jobs: add a 'jobs:' list or 'jobs_csv: file.csv'"))
     return Manifest(
