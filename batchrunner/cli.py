@@ -175,8 +175,13 @@ async def _run(args: argparse.Namespace, plan: Plan | None, config: RunConfig, p
         return await run_campaign(plan, config, api_key=key, base_url=base, on_event=progress)
     from .sandbox import SandboxConfig, serve
 
-    key = secrets.token_hex(12)
-    sandbox = SandboxConfig(api_key=key, time_scale=args.sandbox_time_scale, failure_rate=args.sandbox_failure_rate, seed=args.seed)
+    key = "sandbox-key"  # the embedded sandbox's throwaway key (a restarted sandbox must accept it again)
+    # the embedded sandbox keeps its tasks beside the state, so a resumed demo finds the tasks it submitted
+    config.out_dir.joinpath(".batchrunner").mkdir(parents=True, exist_ok=True)
+    sandbox = SandboxConfig(
+        api_key=key, time_scale=args.sandbox_time_scale, failure_rate=args.sandbox_failure_rate, seed=secrets.randbits(32),
+        tasks_file=config.out_dir / ".batchrunner" / "sandbox-tasks.jsonl",
+    )  # fmt: skip
     async with serve(sandbox) as (_, url):
         return await run_campaign(plan, config, api_key=key, base_url=url, on_event=progress)
 
@@ -327,7 +332,6 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--verbose", "-v", action="store_true", help="print every job event")
         p.add_argument("--sandbox-time-scale", type=float, default=SANDBOX_TIME_SCALE, help=argparse.SUPPRESS)
         p.add_argument("--sandbox-failure-rate", type=float, default=0.0, help="with --sandbox: share of tasks the sandbox fails")
-        p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
     p = sub.add_parser("run", help="run or resume a campaign", formatter_class=fmt, epilog="examples:\n  batchrunner run manifests/demo.yaml --sandbox\n  CLIPRISE_API_KEY=... batchrunner run campaign.yaml --out out/campaign --concurrency 16 --rate 5")
     p.add_argument("manifest", help="a YAML or CSV manifest")

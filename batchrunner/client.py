@@ -33,6 +33,7 @@ from .errors import (
     PermanentApiError,
     RateLimited,
     TransientApiError,
+    UnknownTask,
     redact,
     register_secret,
 )
@@ -237,7 +238,7 @@ class Client:
         if msg == "method_not_allowed":
             return FatalApiError(f"the API refused the request's Host (method_not_allowed): it must be {self._host}", status=http)
         if msg == "invalid_taskId":
-            return PermanentApiError("the API does not know this task (invalid_taskId)", status=http)
+            return UnknownTask("the API does not know this task (invalid_taskId)", status=http)
         if http == 400:
             return Failed(reason=redact(_message(obj, raw)))
         return TransientApiError(f"unexpected status answer (HTTP {http}): {_message(obj, raw)}", status=http)

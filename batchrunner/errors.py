@@ -7,7 +7,8 @@
         ├── TransientApiError    5xx, HTML 502, dropped connection, timeout on a safe request: retry
         │   ├── RateLimited      429; ``.retry_after_s`` slows the whole run
         │   └── DownloadError    a truncated or broken download: fetch again
-        ├── PermanentApiError    the API refused this request (validation, unknown task): fail the job
+        ├── PermanentApiError    the API refused this request (validation, failed task): fail the job
+        │   └── UnknownTask      the API does not know a task id we hold (invalid_taskId)
         ├── FatalApiError        the run cannot go on: stop cleanly, state saved
         │   ├── AuthError        401 / invalid_api_key
         │   └── OutOfCredits     402
@@ -106,6 +107,10 @@ class DownloadError(TransientApiError):
 
 class PermanentApiError(ApiError):
     """The API refused this request for good (validation error, unknown task, failed job)."""
+
+
+class UnknownTask(PermanentApiError):
+    """The status endpoint answered ``invalid_taskId`` for a task we submitted: the task is lost."""
 
 
 class FatalApiError(ApiError):

@@ -39,6 +39,7 @@ from .errors import (
     RateLimited,
     StateError,
     TransientApiError,
+    UnknownTask,
 )
 from .expand import Plan
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store, peek
@@ -199,6 +200,8 @@ class Runner:
             self._stop(exc.message)
             if self._scope is not None:
                 self._scope.cancel()
+        except UnknownTask as exc:
+            self._fail(job, f"{exc.message}: it is resubmitted on the next run", RESUBMIT)
         except PermanentApiError as exc:
             self._fail(job, exc.message, NOT_RETRYABLE)
         except TransientApiError as exc:

@@ -54,7 +54,7 @@ class SandboxConfig:
     failure_rate: float = 0.0
     p_429: float = 0.0
     retry_after: str = "seconds"  # seconds | date | none
-    retry_after_s: int = 1
+    retry_after_s: float = 1.0
     p_5xx: float = 0.0
     p_html502: float = 0.0
     p_drop: float = 0.0
@@ -66,6 +66,7 @@ class SandboxConfig:
     price: float = 1.0  # credits per task
     image_size: int = 96
     catalog_file: Path | None = None
+    tasks_file: Path | None = None  # remember tasks across restarts, as the real API does (embedded use)
 
 
 @dataclass(slots=True)
@@ -138,12 +139,33 @@ class Sandbox:
         self.stats = Stats()
         self.credits = config.credits
         self._window: deque[float] = deque()
+        if config.tasks_file is not None:
+            self._load_tasks(config.tasks_file)
         self.app = web.Application()
         self.app.router.add_post("/app/cliprise/generate", self.generate)
         self.app.router.add_get("/app/cliprise/status", self.status)
         self.app.router.add_get("/_sandbox/stats", self.stats_view)
 
     # -- helpers ---------------------------------------------------------------------------
+    def _load_tasks(self, path: Path) -> None:
+        if not path.exists():
+            return
+        offset = self.clock() - time.time()
+        for line in path.read_text().splitlines():
+            try:
+                t = json.loads(line)
+                self.tasks[t["id"]] = Task(t["model"], t["modality"], t["prompt"], t["created"] + offset, t["finish"] + offset, t["fail"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill
+
+    def _save_task(self, task_id: str, task: Task) -> None:
+        assert self.config.tasks_file is not None
+        offset = time.time() - self.clock()
+        record = {"id": task_id, "model": task.model, "modality": task.modality, "prompt": task.prompt,
+                  "created": task.created + offset, "finish": task.finish_at + offset, "fail": task.fail_reason}  # fmt: skip
+        with self.config.tasks_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def _shape(self, obj: dict[str, Any]) -> Any:
         shape = self.config.shape
         if shape == "mixed":
@@ -174,7 +196,9 @@ class Sandbox:
     def _too_many(self, seconds: float) -> web.Response:
         headers = {}
         if self.config.retry_after == "seconds":
-            headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+            # whole seconds as HTTP says; a configured fraction is kept so tests need not wait a second
+            whole = seconds >= 1 or self.config.retry_after_s >= 1
+            headers["Retry-After"] = str(max(1, math.ceil(seconds))) if whole else f"{max(seconds, 0.01):.2f}"
         elif self.config.retry_after == "date":
             headers["Retry-After"] = email.utils.formatdate(time.time() + max(1.0, seconds), usegmt=True)
         return web.Response(status=429, body=b'{"code":429,"msg":"Too Many Requests"}', content_type="application/json", headers=headers)
@@ -271,7 +295,9 @@ class Sandbox:
         duration = self.rng.lognormvariate(math.log(median), sigma) * self.config.time_scale
         fail = "content policy violation: the prompt was rejected" if self.rng.random() < self.config.failure_rate else None
         now = self.clock()
-        self.tasks[task_id] = Task(str(body["model"]), modality, prompt, now, now + duration, fail)
+        task = self.tasks[task_id] = Task(str(body["model"]), modality, prompt, now, now + duration, fail)
+        if self.config.tasks_file is not None:
+            self._save_task(task_id, task)
         self.stats.tasks_created += 1
         self.stats.by_body[body_key(body)] += 1
         self.stats.generate_times.append(now)
