@@ -163,8 +163,9 @@ def _config(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool)
     )
     if config.concurrency < 1:
         raise ManifestError([Problem("--concurrency", None, "must be at least 1")])
-    if args.sandbox:
-        config = replace(config, expected_s=scale_expected(args.sandbox_time_scale))
+    scale = args.poll_scale if args.poll_scale is not None else (args.sandbox_time_scale if args.sandbox else None)
+    if scale is not None:
+        config = replace(config, expected_s=scale_expected(scale))
     return config
 
 
@@ -331,6 +332,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", "-q", action="store_true", help="print only errors and the final line")
         p.add_argument("--verbose", "-v", action="store_true", help="print every job event")
         p.add_argument("--sandbox-time-scale", type=float, default=SANDBOX_TIME_SCALE, help=argparse.SUPPRESS)
+        p.add_argument("--poll-scale", type=float, help="scale the expected job durations that time the first poll (e.g. 0.01 against a fast sandbox)")
         p.add_argument("--sandbox-failure-rate", type=float, default=0.0, help="with --sandbox: share of tasks the sandbox fails")
 
     p = sub.add_parser("run", help="run or resume a campaign", formatter_class=fmt, epilog="examples:\n  batchrunner run manifests/demo.yaml --sandbox\n  CLIPRISE_API_KEY=... batchrunner run campaign.yaml --out out/campaign --concurrency 16 --rate 5")

@@ -83,24 +83,32 @@ def backoff(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) ->
     return rng.uniform(0.0, min(cap_s, base_s * 2.0**attempt))
 
 
-def poll_delay(polls: int, *, expected_s: float, elapsed_s: float, cap_s: float, rng: random.Random) -> float:
+def poll_delay(polls: int, *, expected_s: float, elapsed_s: float, cap_s: float, rng: random.Random, ratio: float = 1.2) -> float:
     """Seconds until the next status call of a job submitted ``elapsed_s`` ago.
 
-    The first call lands at the expected finish; later ones back off from a tenth of the
-    expected duration, doubling, capped, with full jitter over the upper half of the step so
-    polls neither bunch up nor starve.
+    The first call lands at the expected finish. After that the calls follow a geometric
+    schedule, each ``ratio`` times later than the job's age, so a result is noticed at most
+    about ``ratio - 1`` of its duration late whatever the duration, in few calls; jittered
+    (full jitter over the step's upper half) so polls of jobs submitted together spread out.
     """
     if polls == 0 and elapsed_s < expected_s:
         return expected_s - elapsed_s
-    step = min(cap_s, max(0.05, 0.1 * expected_s) * 2.0 ** max(0, polls - 1))
+    step = min(cap_s, max(0.02 * expected_s, (ratio - 1.0) * elapsed_s))
     return rng.uniform(step / 2, step)
 
 
 class Durations:
-    """Typical submit-to-result durations per model, learned from finished jobs."""
+    """Typical submit-to-result durations per model, learned from finished jobs.
 
-    def __init__(self, defaults: dict[str, float], history: Any = ()) -> None:
+    A job's duration is known only between its last "processing" answer and its first
+    "done" one: the estimate is their midpoint (a first poll that already finds the job done
+    gives the interval's upper half, so a first poll that comes too late moves earlier).
+    The first poll aims at the ``quantile`` of recent estimates.
+    """
+
+    def __init__(self, defaults: dict[str, float], history: Any = (), quantile: float = 0.4) -> None:
         self.defaults = defaults
+        self.quantile = quantile
         self.samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=256))
         self._cache: dict[str, float] = {}
         for model, seconds in history:
@@ -114,7 +122,11 @@ class Durations:
         hit = self._cache.get(model)
         if hit is None:
             seen = self.samples.get(model)
-            hit = median(seen) if seen and len(seen) >= 3 else self.defaults.get(modality, self.defaults["unknown"])
+            if seen and len(seen) >= 3:
+                ordered = sorted(seen)
+                hit = ordered[int(self.quantile * (len(ordered) - 1))]
+            else:
+                hit = self.defaults.get(modality, self.defaults["unknown"])
             self._cache[model] = hit
         return hit
 
@@ -270,6 +282,7 @@ class Runner:
         submitted = job.submitted_at or self.clock()
         expected = self.durations.expected(job.model, job.modality)
         polls = errors = 0
+        processing_at = None
         while True:
             elapsed = self.clock() - submitted
             if elapsed > self.config.job_deadline_s:
@@ -290,8 +303,14 @@ class Runner:
                         raise
                     continue
             polls += 1
-            if not isinstance(status, Processing):
-                return status
+            age = self.clock() - submitted
+            if isinstance(status, Processing):
+                processing_at = age
+                continue
+            lower = processing_at if processing_at is not None else age / 2
+            job.duration_s = (lower + age) / 2
+            self.durations.observe(job.model, job.duration_s)
+            return status
 
     async def _download(self, job: Job) -> None:
         assert job.task_id is not None
@@ -320,9 +339,10 @@ class Runner:
                 "sha256": fetched.sha256, "bytes": fetched.bytes,
             },
         )  # fmt: skip
-        self.store.transition(job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now)
+        self.store.transition(
+            job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now, duration_s=job.duration_s
+        )
         job.final_path = fetched.path
-        self.durations.observe(job.model, now - submitted)
         self.on_event("done", job, fetched.path)
 
 
@@ -349,7 +369,7 @@ def check_budget(plan: Plan, max_credits: float | None, out_dir: Path) -> None:
 
 
 async def run_campaign(
-    plan: Plan,
+    plan: Plan | None,
     config: RunConfig,
     *,
     api_key: str,
@@ -358,22 +378,27 @@ async def run_campaign(
     on_event: EventHandler | None = None,
     rng: random.Random | None = None,
 ) -> RunResult:
-    """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command."""
+    """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command.
+
+    With ``plan=None`` the directory's stored jobs are run as they are (``retry``).
+    """
     from .client import API_HOST
     from .report import write_reports
 
-    check_budget(plan, config.max_credits, config.out_dir)
-    store = Store.open(config.out_dir)
+    if plan is not None:
+        check_budget(plan, config.max_credits, config.out_dir)
+    store = Store.open(config.out_dir, create=plan is not None)
     try:
-        store.claim(plan.manifest.name, force=config.force)
+        if plan is not None:
+            store.claim(plan.manifest.name, force=config.force)
+            store.set_meta("group_var", plan.group_var or "")
+            store.sync(plan.specs)
     except StateError:
         store.close()
         raise
-    store.set_meta("group_var", plan.group_var or "")
     started = time.time()
     outcome, error = "interrupted", None
     try:
-        store.sync(plan.specs)
         store.start_run()
         store.recover()
         store.reset_failed(retryable_only=not config.retry_failed)
@@ -381,9 +406,7 @@ async def run_campaign(
             runner = Runner(config, store, client, on_event=on_event, rng=rng)
             await runner.run(store.work())
         counts = store.counts()
-        if runner.fatal is not None:
-            outcome, error = "stopped", runner.fatal.message
-        elif runner.stop_reason is not None:
+        if runner.stop_reason is not None:
             outcome, error = "stopped", runner.stop_reason
         else:
             outcome = "failed" if counts.get("failed") else "complete"
@@ -394,11 +417,7 @@ async def run_campaign(
         summary = write_reports(store, wall_s=time.time() - started, outcome=outcome, error=error)
         store.end_run(outcome, summary)
         store.close()
-    return RunResult(outcome, store_counts(summary), summary, error)
-
-
-def store_counts(summary: dict[str, Any]) -> dict[str, int]:
-    return dict(summary.get("counts", {}))
+    return RunResult(outcome, dict(summary["counts"]), summary, error)
 
 
 def scale_expected(scale: float) -> dict[str, float]:

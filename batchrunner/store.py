@@ -65,7 +65,7 @@ MIGRATIONS = (
         attempts INTEGER NOT NULL DEFAULT 0, retryable INTEGER NOT NULL DEFAULT 0,
         credits REAL, credits_spent REAL NOT NULL DEFAULT 0,
         created_at REAL NOT NULL, submitted_at REAL, finished_at REAL, updated_at REAL NOT NULL,
-        path TEXT, sha256 TEXT, bytes INTEGER, error TEXT
+        path TEXT, sha256 TEXT, bytes INTEGER, error TEXT, duration_s REAL
     );
     CREATE INDEX jobs_state ON jobs (state, in_manifest);
     CREATE TABLE events (
@@ -90,6 +90,7 @@ class Job:
     credits: float | None
     submitted_at: float | None
     final_path: str | None = None
+    duration_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +320,7 @@ class Store:
     def durations(self) -> Iterable[tuple[str, float]]:
         """(model, seconds from submit to result) of finished jobs, to learn when to poll."""
         return self.conn.execute(
-            "SELECT model, finished_at - submitted_at FROM jobs WHERE state = 'done' AND finished_at > submitted_at ORDER BY finished_at DESC LIMIT 5000"
+            "SELECT model, duration_s FROM jobs WHERE state = 'done' AND duration_s > 0 ORDER BY finished_at DESC LIMIT 5000"
         ).fetchall()
 
     def rows(self, *, states: Iterable[str] | None = None) -> list[sqlite3.Row]:
