@@ -243,14 +243,8 @@ class Client:
             return Failed(reason=redact(_message(obj, raw)))
         return TransientApiError(f"unexpected status answer (HTTP {http}): {_message(obj, raw)}", status=http)
 
-    async def status(self, task_id: str) -> TaskStatus:
-        """GET a task's state. Unknown status values mean "still processing", as the docs advise."""
-        try:
-            async with self.session.get(self._base + STATUS_PATH, params=self._status_params(task_id, False)) as resp:
-                raw = await resp.read()
-                http, headers = resp.status, resp.headers
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TransientApiError(f"status request failed ({type(exc).__name__}): {exc}") from exc
+    def _interpret(self, http: int, raw: bytes, headers: Any) -> TaskStatus:
+        """A status answer as a state; errors raised. Unknown status values mean "still processing"."""
         obj = _decode(raw)
         if http == 300:
             return Processing()
@@ -269,23 +263,34 @@ class Client:
             return result
         raise result
 
-    @asynccontextmanager
-    async def download(self, task_id: str) -> AsyncIterator[Download]:
-        """Open a finished task's file (``status?download=true``), to be read with ``chunks()``."""
-        url = self._base + STATUS_PATH
+    async def status(self, task_id: str) -> TaskStatus:
+        """GET a task's state."""
         try:
-            async with self.session.get(url, params=self._status_params(task_id, True)) as resp:
-                if resp.status != 200 or resp.content_type in ("application/json", "text/html"):
-                    raw = await resp.read()
-                    obj = _decode(raw)
-                    if resp.status == 300:
-                        raise TransientApiError("the result is not ready yet (HTTP 300)", status=300)
-                    result = self._status_error(resp.status, obj, raw, resp.headers)
-                    if isinstance(result, Failed):
-                        raise PermanentApiError(f"task failed: {result.reason}", status=resp.status)
-                    if resp.status == 200:
-                        raise DownloadError(f"download answered JSON instead of the file: {_message(obj, raw)}", status=200)
-                    raise result
-                yield Download(content_type=resp.content_type, content_length=resp.content_length, _response=resp)
+            async with self.session.get(self._base + STATUS_PATH, params=self._status_params(task_id, False)) as resp:
+                raw = await resp.read()
+                http, headers = resp.status, resp.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TransientApiError(f"status request failed ({type(exc).__name__}): {exc}") from exc
+        return self._interpret(http, raw, headers)
+
+    @asynccontextmanager
+    async def download(self, task_id: str) -> AsyncIterator[Download | Processing | Failed]:
+        """Ask for a task's file (``status?download=true``): the open file once it is finished, else its state.
+
+        While a task runs or after it failed the API answers this as it answers a status call
+        (300, 400 + failMsg), so one request both polls and fetches: a finished job costs one
+        call fewer than status-then-download.
+        """
+        try:
+            async with self.session.get(self._base + STATUS_PATH, params=self._status_params(task_id, True)) as resp:
+                if resp.status == 200 and resp.content_type not in ("application/json", "text/html"):
+                    yield Download(content_type=resp.content_type, content_length=resp.content_length, _response=resp)
+                    return
+                raw = await resp.read()
+                http, headers = resp.status, resp.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownloadError(f"download failed ({type(exc).__name__}): {exc}") from exc
+        answer = self._interpret(http, raw, headers)
+        if isinstance(answer, Succeeded):
+            raise DownloadError(f"download answered JSON instead of the file: {_message(_decode(raw), raw)}", status=http)
+        yield answer

@@ -20,7 +20,7 @@ from typing import Any
 import aiofiles
 import anyio
 
-from .client import Client
+from .client import Download
 from .errors import DownloadError, redact
 
 EXT_FROM_TYPE = {
@@ -64,14 +64,34 @@ class Fetched:
     bytes: int
 
 
-async def fetch(client: Client, task_id: str, out_dir: Path, rel_template: str) -> Fetched:
-    """Download ``task_id``'s result to ``out_dir / rel_template`` (``{ext}`` from the real type)."""
+SMALL = 1 << 20  # results up to this size are buffered and written in one worker-thread call
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+async def save(dl: Download, out_dir: Path, rel_template: str) -> Fetched:
+    """Write an open result download to ``out_dir / rel_template`` (``{ext}`` from the real type).
+
+    Small results (most images) are read whole and written, fsynced and closed in a single
+    worker-thread call; larger ones stream through aiofiles chunk by chunk. Both hash on
+    the way and end in the same checks and the same atomic rename.
+    """
     draft = out_dir / rel_template.replace("{ext}", "part")
     draft.parent.mkdir(parents=True, exist_ok=True)
     tmp = draft.with_name(f".{draft.name}.{secrets.token_hex(4)}.tmp")
     digest, size, head = hashlib.sha256(), 0, b""
     try:
-        async with client.download(task_id) as dl:
+        if dl.content_length is not None and dl.content_length <= SMALL:
+            data = b"".join([chunk async for chunk in dl.chunks()])
+            digest.update(data)
+            size, head = len(data), data[:16]
+            await anyio.to_thread.run_sync(_write_whole, tmp, data)
+        else:
             async with aiofiles.open(tmp, "wb") as f:
                 async for chunk in dl.chunks():
                     if len(head) < 16:
@@ -81,11 +101,11 @@ async def fetch(client: Client, task_id: str, out_dir: Path, rel_template: str) 
                     await f.write(chunk)
                 await f.flush()
                 await anyio.to_thread.run_sync(os.fsync, f.fileno())
-            if dl.content_length is not None and size != dl.content_length:
-                raise DownloadError(f"download cut short: {size} of {dl.content_length} bytes")
-            if size == 0:
-                raise DownloadError("download was empty")
-            ext = sniff(head) or EXT_FROM_TYPE.get(dl.content_type, "bin")
+        if dl.content_length is not None and size != dl.content_length:
+            raise DownloadError(f"download cut short: {size} of {dl.content_length} bytes")
+        if size == 0:
+            raise DownloadError("download was empty")
+        ext = sniff(head) or EXT_FROM_TYPE.get(dl.content_type, "bin")
         rel = rel_template.replace("{ext}", ext)
         os.replace(tmp, out_dir / rel)
     finally:
@@ -95,8 +115,10 @@ async def fetch(client: Client, task_id: str, out_dir: Path, rel_template: str) 
 
 
 def write_sidecar(path: Path, record: dict[str, Any]) -> None:
-    """``<file>.json`` beside a result: model, prompt, parameters, task id, timings (key redacted)."""
-    sidecar = path.with_name(path.name + ".json")
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-    tmp.write_text(redact(json.dumps(record, indent=2, ensure_ascii=False, default=str)) + "\n", encoding="utf-8")
-    os.replace(tmp, sidecar)
+    """``<file>.json`` beside a result: model, prompt, parameters, task id, timings (key redacted).
+
+    Written in place, not via a temp file: it is written before the job is recorded as
+    done, so a run killed mid-write re-downloads the job and writes the sidecar again.
+    """
+    with open(path.with_name(path.name + ".json"), "w", encoding="utf-8") as f:
+        f.write(redact(json.dumps(record, indent=1, ensure_ascii=False, default=str)) + "\n")

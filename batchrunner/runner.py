@@ -27,8 +27,8 @@ from typing import Any
 
 import anyio
 
-from .client import Client, Failed, Processing, Succeeded
-from .download import fetch, write_sidecar
+from .client import Client, Failed, Processing
+from .download import save, write_sidecar
 from .errors import (
     AmbiguousSubmit,
     BatchRunnerError,
@@ -202,11 +202,7 @@ class Runner:
         try:
             if job.state == JobState.PENDING and not await self._submit(job):
                 return
-            result = await self._result(job)
-            if isinstance(result, Failed):
-                self._fail(job, f"the API failed the task: {result.reason}", NOT_RETRYABLE)
-                return
-            await self._download(job)
+            await self._collect(job)
         except FatalApiError as exc:
             self.fatal = exc
             self._stop(exc.message)
@@ -268,74 +264,63 @@ class Runner:
                 else:
                     now = self.clock()
                     self.spent += cost
-                    self.store.transition(
-                        job, JobState.SUBMITTED, event=task_id, task_id=task_id, submitted_at=now, submits=1, credits_spent=cost
-                    )
+                    self.store.transition(job, JobState.SUBMITTED, task_id=task_id, submitted_at=now, submits=1, credits_spent=cost)
                     job.task_id, job.submitted_at = task_id, now
                     self.on_event("submitted", job, task_id)
                     return True
             await self.sleep(delay)
 
-    async def _result(self, job: Job) -> Succeeded | Failed:
-        """Poll a submitted job until it succeeds or fails (or its deadline passes)."""
+    async def _collect(self, job: Job) -> None:
+        """Poll a submitted job with ``download=true`` until its file is saved or it fails.
+
+        One request both asks and, once the job is finished, fetches; a cut download is
+        simply asked for again. Raises once the deadline passes or errors pile up.
+        """
         assert job.task_id is not None
         submitted = job.submitted_at or self.clock()
         expected = self.durations.expected(job.model, job.modality)
         polls = errors = 0
-        processing_at = None
+        processing_at: float | None = None
         while True:
             elapsed = self.clock() - submitted
             if elapsed > self.config.job_deadline_s:
                 raise TransientApiError(f"no result {elapsed:.0f} s after submitting (deadline {self.config.job_deadline_s:g} s)")
             await self.sleep(poll_delay(polls, expected_s=expected, elapsed_s=elapsed, cap_s=self.config.poll_cap_s, rng=self.rng))
-            if self.stop_reason is not None and self.fatal is not None:
-                raise self.fatal
             await self.pacer.cooldown()
-            async with self._polls:
-                try:
-                    status = await self.client.status(job.task_id)
-                except RateLimited as exc:
-                    self.pacer.rate_limited(exc.retry_after_s, 1.0)
-                    continue
-                except TransientApiError:
-                    errors += 1
-                    if errors > self.config.retries * 4:
-                        raise
-                    continue
-            polls += 1
-            age = self.clock() - submitted
-            if isinstance(status, Processing):
-                processing_at = age
-                continue
-            lower = processing_at if processing_at is not None else age / 2
-            job.duration_s = (lower + age) / 2
-            self.durations.observe(job.model, job.duration_s)
-            return status
-
-    async def _download(self, job: Job) -> None:
-        assert job.task_id is not None
-        self.store.transition(job, JobState.DOWNLOADING)
-        attempt = 0
-        while True:
             try:
-                fetched = await fetch(self.client, job.task_id, self.config.out_dir, job.path)
-                break
+                async with self._polls, self.client.download(job.task_id) as answer:
+                    polls += 1
+                    age = self.clock() - submitted
+                    if isinstance(answer, Processing):
+                        processing_at = age
+                        continue
+                    if job.duration_s is None:  # learn when jobs of this model finish
+                        job.duration_s = ((processing_at if processing_at is not None else age / 2) + age) / 2
+                        self.durations.observe(job.model, job.duration_s)
+                    if isinstance(answer, Failed):
+                        self._fail(job, f"the API failed the task: {answer.reason}", NOT_RETRYABLE)
+                        return
+                    self.store.transition(job, JobState.DOWNLOADING)
+                    fetched = await save(answer, self.config.out_dir, job.path)
             except RateLimited as exc:
                 self.pacer.rate_limited(exc.retry_after_s, 1.0)
-                await self.pacer.cooldown()
+                continue
             except TransientApiError as exc:
-                attempt += 1
-                if attempt > self.config.retries:
+                if job.state == JobState.DOWNLOADING:
+                    self.store.transition(job, JobState.SUBMITTED, event=exc.message)
+                errors += 1
+                if errors > self.config.retries:
                     raise
                 self.on_event("retry", job, exc.message)
-                await self.sleep(backoff(attempt, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng))
+                await self.sleep(backoff(errors, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng))
+                continue
+            break
         now = self.clock()
-        submitted = job.submitted_at or now
         write_sidecar(
             self.config.out_dir / fetched.path,
             {
                 "job_id": job.id, "model": job.model, "prompt": _prompt(job.body), "request": job.body, "vars": job.vars,
-                "task_id": job.task_id, "submitted_at": submitted, "finished_at": now, "duration_s": round(now - submitted, 3),
+                "task_id": job.task_id, "submitted_at": submitted, "finished_at": now, "duration_s": job.duration_s,
                 "sha256": fetched.sha256, "bytes": fetched.bytes,
             },
         )  # fmt: skip

@@ -291,14 +291,19 @@ class Store:
         values: list[Any] = [str(to), now, *(redact(v) if isinstance(v, str) else v for v in fields.values())]
         allowed = TRANSITIONS[to]
         sql = f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({','.join('?' * len(allowed))})"
-        with self.conn:
-            self.conn.execute("BEGIN")
-            if self.conn.execute(sql, (*values, job.id, *map(str, allowed))).rowcount != 1:
-                raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
-            if event is not None:
-                self.conn.execute(
-                    "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", (self.run_id, job.id, now, str(to), redact(event))
-                )
+        params = (*values, job.id, *map(str, allowed))
+        if event is None:  # one statement: atomic on its own, and the common path
+            changed = self.conn.execute(sql, params).rowcount
+        else:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                changed = self.conn.execute(sql, params).rowcount
+                if changed == 1:
+                    self.conn.execute(
+                        "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", (self.run_id, job.id, now, str(to), redact(event))
+                    )
+        if changed != 1:
+            raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
         job.state = to
 
     def event(self, job_id: str | None, kind: str, detail: str) -> None:

@@ -1,0 +1,91 @@
+"""Throughput: batchrunner's real engine against a minimal raw aiohttp loop, on one sandbox.
+
+    python benchmarks/throughput.py [--jobs 10000] [--concurrency 64]
+
+The sandbox runs in its own process with zero simulated duration. (a) the baseline submits,
+polls and downloads every job with plain aiohttp and writes each file, keeping no state;
+(b) batchrunner runs the same number of jobs with its SQLite store, atomic fsynced files
+and sidecars. Prints both rates and their ratio; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import plan_for, sandbox_process, write_manifest  # noqa: E402
+
+from batchrunner.runner import RunConfig, run_campaign  # noqa: E402
+
+KEY = "sandbox-key"
+HOST = {"Host": "business.api.cliprise.app"}
+
+
+async def baseline(url: str, bodies: list[dict[str, object]], concurrency: int, out: Path) -> float:
+    """Submit → poll → download each job, ``concurrency`` at a time, no state, plain writes."""
+    queue: asyncio.Queue[tuple[int, dict[str, object]]] = asyncio.Queue()
+    for item in enumerate(bodies):
+        queue.put_nowait(item)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=HOST) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                index, body = queue.get_nowait()
+                async with session.post(f"{url}/app/cliprise/generate", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+                    answer = await r.json()
+                task_id = (answer[0] if isinstance(answer, list) else answer)["taskId"]
+                params = {"apiKey": KEY, "taskId": task_id}
+                while True:
+                    async with session.get(f"{url}/app/cliprise/status", params=params) as r:
+                        if r.status == 200:
+                            break
+                    await asyncio.sleep(0.01)
+                async with session.get(f"{url}/app/cliprise/status", params={**params, "download": "true"}) as r:
+                    data = await r.read()
+                (out / f"{index}.png").write_bytes(data)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+
+async def engine(url: str, manifest: Path, jobs: int, concurrency: int, out: Path) -> float:
+    plan = plan_for(manifest, jobs)
+    config = RunConfig(out_dir=out, concurrency=concurrency, expected_s=dict.fromkeys(("image", "video", "audio", "unknown"), 0.0))
+    start = time.perf_counter()
+    result = await run_campaign(plan, config, api_key=KEY, base_url=url)
+    elapsed = time.perf_counter() - start
+    assert result.counts == {"done": jobs}, result.counts
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, sandbox_process("--key", KEY, "--time-scale", "0") as url:
+        folder = Path(tmp)
+        manifest = write_manifest(folder, args.jobs)
+        bodies = [s.body for s in plan_for(manifest, args.jobs).specs]
+        (folder / "raw").mkdir()
+        base_s = asyncio.run(baseline(url, bodies, args.concurrency, folder / "raw"))
+        run_s = asyncio.run(engine(url, manifest, args.jobs, args.concurrency, folder / "run"))
+    base_rate, run_rate = args.jobs / base_s, args.jobs / run_s
+    print(f"baseline (raw aiohttp, no state): {args.jobs} jobs in {base_s:.2f} s = {base_rate:.0f} jobs/s")
+    print(f"batchrunner (SQLite, atomic files): {args.jobs} jobs in {run_s:.2f} s = {run_rate:.0f} jobs/s")
+    print(f"ratio runner/baseline: {run_rate / base_rate:.2f}")
+    print(json.dumps({"jobs": args.jobs, "concurrency": args.concurrency, "jobs_per_s": round(run_rate, 1), "baseline_jobs_per_s": round(base_rate, 1), "ratio": round(run_rate / base_rate, 3)}))
+
+
+if __name__ == "__main__":
+    main()
