@@ -67,30 +67,34 @@ class Fetched:
 SMALL = 1 << 20  # results up to this size are buffered and written in one worker-thread call
 
 
-def _write_whole(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _finish(tmp: Path, data: bytes | None, final: Path, sidecar: dict[str, Any]) -> None:
+    """In a worker thread: write (if buffered), fsync, rename into place, write the sidecar."""
+    if data is not None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    write_sidecar(final, sidecar)
 
 
-async def save(dl: Download, out_dir: Path, rel_template: str) -> Fetched:
-    """Write an open result download to ``out_dir / rel_template`` (``{ext}`` from the real type).
+async def save(dl: Download, out_dir: Path, rel_template: str, sidecar: dict[str, Any]) -> Fetched:
+    """Write an open result download to ``out_dir / rel_template`` (``{ext}`` from the real type), with its sidecar.
 
-    Small results (most images) are read whole and written, fsynced and closed in a single
-    worker-thread call; larger ones stream through aiofiles chunk by chunk. Both hash on
-    the way and end in the same checks and the same atomic rename.
+    Small results (most images) are read whole, then written, fsynced, renamed and given
+    their sidecar in a single worker-thread call; larger ones stream through aiofiles chunk
+    by chunk. Both hash on the way and pass the same checks before the atomic rename.
     """
     draft = out_dir / rel_template.replace("{ext}", "part")
-    draft.parent.mkdir(parents=True, exist_ok=True)
     tmp = draft.with_name(f".{draft.name}.{secrets.token_hex(4)}.tmp")
     digest, size, head = hashlib.sha256(), 0, b""
+    data: bytes | None = None
+    await anyio.to_thread.run_sync(lambda: draft.parent.mkdir(parents=True, exist_ok=True))
     try:
         if dl.content_length is not None and dl.content_length <= SMALL:
             data = b"".join([chunk async for chunk in dl.chunks()])
             digest.update(data)
             size, head = len(data), data[:16]
-            await anyio.to_thread.run_sync(_write_whole, tmp, data)
         else:
             async with aiofiles.open(tmp, "wb") as f:
                 async for chunk in dl.chunks():
@@ -105,13 +109,14 @@ async def save(dl: Download, out_dir: Path, rel_template: str) -> Fetched:
             raise DownloadError(f"download cut short: {size} of {dl.content_length} bytes")
         if size == 0:
             raise DownloadError("download was empty")
-        ext = sniff(head) or EXT_FROM_TYPE.get(dl.content_type, "bin")
-        rel = rel_template.replace("{ext}", ext)
-        os.replace(tmp, out_dir / rel)
+        rel = rel_template.replace("{ext}", sniff(head) or EXT_FROM_TYPE.get(dl.content_type, "bin"))
+        fetched = Fetched(rel, digest.hexdigest(), size)
+        record = {**sidecar, "path": rel, "sha256": fetched.sha256, "bytes": size}
+        await anyio.to_thread.run_sync(_finish, tmp, data, out_dir / rel, record)
     finally:
-        if tmp.exists():
+        if data is None and tmp.exists():
             tmp.unlink()
-    return Fetched(rel, digest.hexdigest(), size)
+    return fetched
 
 
 def write_sidecar(path: Path, record: dict[str, Any]) -> None:

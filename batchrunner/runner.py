@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 
 from .client import Client, Failed, Processing
-from .download import save, write_sidecar
+from .download import save
 from .errors import (
     AmbiguousSubmit,
     BatchRunnerError,
@@ -301,7 +301,11 @@ class Runner:
                         self._fail(job, f"the API failed the task: {answer.reason}", NOT_RETRYABLE)
                         return
                     self.store.transition(job, JobState.DOWNLOADING)
-                    fetched = await save(answer, self.config.out_dir, job.path)
+                    sidecar = {
+                        "job_id": job.id, "model": job.model, "prompt": _prompt(job.body), "request": job.body, "vars": job.vars,
+                        "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
+                    }  # fmt: skip
+                    fetched = await save(answer, self.config.out_dir, job.path, sidecar)
             except RateLimited as exc:
                 self.pacer.rate_limited(exc.retry_after_s, 1.0)
                 continue
@@ -316,14 +320,6 @@ class Runner:
                 continue
             break
         now = self.clock()
-        write_sidecar(
-            self.config.out_dir / fetched.path,
-            {
-                "job_id": job.id, "model": job.model, "prompt": _prompt(job.body), "request": job.body, "vars": job.vars,
-                "task_id": job.task_id, "submitted_at": submitted, "finished_at": now, "duration_s": job.duration_s,
-                "sha256": fetched.sha256, "bytes": fetched.bytes,
-            },
-        )  # fmt: skip
         self.store.transition(
             job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now, duration_s=job.duration_s
         )

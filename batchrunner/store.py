@@ -67,7 +67,6 @@ MIGRATIONS = (
         created_at REAL NOT NULL, submitted_at REAL, finished_at REAL, updated_at REAL NOT NULL,
         path TEXT, sha256 TEXT, bytes INTEGER, error TEXT, duration_s REAL
     );
-    CREATE INDEX jobs_state ON jobs (state, in_manifest);
     CREATE TABLE events (
         id INTEGER PRIMARY KEY, run_id INTEGER, job_id TEXT, at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT
     );
