@@ -112,7 +112,7 @@ def render_html(summary: dict[str, Any], jobs: list[dict[str, Any]], group_var: 
         key = str(job["vars"].get(group_var, "—")) if group_var else "all results"
         groups.setdefault(key, []).append(job)
     credits = summary["credits"]
-    planned = "" if credits["planned"] is None else f" of {credits['planned']:g} planned"
+    planned = " (some prices unknown)" if credits["planned"] is None else f" of {credits['planned']:g} planned"
     counts = " · ".join(f'<b>{n}</b> {_e(state)}' for state, n in sorted(summary["counts"].items())) or "no jobs"
     models = sorted({j["model"] for j in jobs})
     options = "".join(f'<option value="{_e(m)}">{_e(m)}</option>' for m in models)

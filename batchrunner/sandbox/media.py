@@ -29,11 +29,11 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 @lru_cache(maxsize=512)
-def _png_body(prompt: str, size: int) -> bytes:
+def _png_body(prompt: str, size: int, variation: int = 0) -> bytes:
     """IHDR + IDAT of a size×size RGB picture: two colours from the prompt, in one of four patterns."""
     d = _digest(prompt)
     c1, c2 = bytes(d[0:3]), bytes(d[3:6])
-    pattern, cell = d[6] % 4, 8 + d[7] % 24
+    pattern, cell = (d[6] + variation) % 4, 8 + (d[7] + 7 * variation) % 24
     rows = []
     for y in range(size):
         if pattern == 0:  # horizontal stripes
@@ -51,7 +51,8 @@ def _png_body(prompt: str, size: int) -> bytes:
 
 
 def png(prompt: str, tag: str, size: int = 96) -> bytes:
-    return b"\x89PNG\r\n\x1a\n" + _png_body(prompt, size) + _png_chunk(b"tEXt", b"task\x00" + tag.encode()) + _png_chunk(b"IEND", b"")
+    # colours follow the prompt; the pattern varies a little per task, so variants look like variants
+    return b"\x89PNG\r\n\x1a\n" + _png_body(prompt, size, _digest(tag)[0] % 3) + _png_chunk(b"tEXt", b"task\x00" + tag.encode()) + _png_chunk(b"IEND", b"")
 
 
 def mp4(prompt: str, tag: str) -> bytes:
