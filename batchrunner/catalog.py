@@ -30,7 +30,14 @@ SHIPPED = Path(__file__).with_name("catalog.csv")
 MODALITIES = ("image", "video", "audio")
 # Fields that the API wants as JSON *strings* at the body root, whatever the input style.
 STRINGIFIED: dict[str, type] = {"options": dict, "imageURLList": list, "videoURLList": list}
-_COLUMN_ALIASES = {"model": "id", "model_id": "id", "type": "modality", "input": "input_style", "input_type": "input_style", "price": "credits"}
+_COLUMN_ALIASES = {
+    "model": "id",
+    "model_id": "id",
+    "type": "modality",
+    "input": "input_style",
+    "input_type": "input_style",
+    "price": "credits",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +158,9 @@ def check_fields(model: Model, fields: dict[str, Any]) -> list[str]:
     return errors
 
 
-def build_body(model_id: str, root_only: bool, fields: dict[str, Any], stringified: dict[str, Any], callback_url: str | None) -> dict[str, Any]:
+def build_body(
+    model_id: str, root_only: bool, fields: dict[str, Any], stringified: dict[str, Any], callback_url: str | None
+) -> dict[str, Any]:
     """The request body the API expects: ``input`` or root fields, JSON-string fields, ``callBackUrl``."""
     body: dict[str, Any] = {"model": model_id}
     if root_only:

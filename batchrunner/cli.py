@@ -84,7 +84,7 @@ def _warn(plan: Plan, quiet: bool) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _plan(args)
     out = _out_dir(args, plan)
-    done, spent = peek(out)
+    done, _ = peek(out)
     skip = sum(1 for s in plan.specs if s.id in done)
     todo = [s for s in plan.specs if s.id not in done]
     data = {
@@ -113,8 +113,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if done:
         print(f"  a re-run skips {skip} finished jobs and runs {len(todo)}")
     print("  first paths:")
-    for path in data["paths"]:
-        print(f"    {path}")
+    for spec in plan.specs[:10]:
+        print(f"    {spec.path}")
     return EXIT_OK
 
 
@@ -128,7 +128,7 @@ class Progress:
         self.bar: Any = None
         self.last = 0.0
         if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             self.bar = tqdm(total=total, unit="job", dynamic_ncols=True, file=sys.stderr)
 
@@ -246,7 +246,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"campaign": campaign, "counts": counts, **totals, "failed": [dict(zip(("id", "model", "error"), f, strict=True)) for f in failures]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "campaign": campaign,
+                    "counts": counts,
+                    **totals,
+                    "failed": [dict(zip(("id", "model", "error"), f, strict=True)) for f in failures],
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
     print(f"{campaign}: {sum(counts.values())} jobs in {args.dir} ({len(runs)} runs)")
     for state in ("done", "failed", "submitted", "downloading", "submitting", "pending"):
@@ -284,7 +294,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for m in models:
-        extra = f"alias of {m.alias_of}" if m.alias_of else ", ".join(f"{p}={'|'.join(m.enums[p])}" if p in m.enums else p for p in m.parameters)
+        extra = (
+            f"alias of {m.alias_of}"
+            if m.alias_of
+            else ", ".join(f"{p}={'|'.join(m.enums[p])}" if p in m.enums else p for p in m.parameters)
+        )
         price = "—" if m.credits is None else f"{m.credits:g}"
         print(f"{m.id:<22} {m.modality:<6} {m.input_style:<9} credits {price:<6} {extra}")
     return EXIT_OK
@@ -315,7 +329,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="batchrunner", description="Turn a manifest of Cliprise generation jobs into finished, verified files.", epilog=EPILOG_MAIN, formatter_class=fmt
+        prog="batchrunner",
+        description="Turn a manifest of Cliprise generation jobs into finished, verified files.",
+        epilog=EPILOG_MAIN,
+        formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"batchrunner {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -326,16 +343,28 @@ def _parser() -> argparse.ArgumentParser:
 
     def running(p: argparse.ArgumentParser) -> None:
         p.add_argument("--sandbox", action="store_true", help="run against the embedded sandbox (no API key, nothing charged)")
-        p.add_argument("--concurrency", type=int, help="jobs in flight at once (manifest 'concurrency', env BATCHRUNNER_CONCURRENCY, default 4)")
+        p.add_argument(
+            "--concurrency", type=int, help="jobs in flight at once (manifest 'concurrency', env BATCHRUNNER_CONCURRENCY, default 4)"
+        )
         p.add_argument("--rate", type=float, help="generate requests per second at most (manifest 'rate', env BATCHRUNNER_RATE)")
-        p.add_argument("--max-credits", type=float, help="refuse or stop past this many credits (manifest 'max_credits', env BATCHRUNNER_MAX_CREDITS)")
+        p.add_argument(
+            "--max-credits", type=float, help="refuse or stop past this many credits (manifest 'max_credits', env BATCHRUNNER_MAX_CREDITS)"
+        )
         p.add_argument("--quiet", "-q", action="store_true", help="print only errors and the final line")
         p.add_argument("--verbose", "-v", action="store_true", help="print every job event")
         p.add_argument("--sandbox-time-scale", type=float, default=SANDBOX_TIME_SCALE, help=argparse.SUPPRESS)
-        p.add_argument("--poll-scale", type=float, help="scale the expected job durations that time the first poll (e.g. 0.01 against a fast sandbox)")
+        p.add_argument(
+            "--poll-scale", type=float, help="scale the expected job durations that time the first poll (e.g. 0.01 against a fast sandbox)"
+        )
         p.add_argument("--sandbox-failure-rate", type=float, default=0.0, help="with --sandbox: share of tasks the sandbox fails")
 
-    p = sub.add_parser("run", help="run or resume a campaign", formatter_class=fmt, epilog="examples:\n  batchrunner run manifests/demo.yaml --sandbox\n  CLIPRISE_API_KEY=... batchrunner run campaign.yaml --out out/campaign --concurrency 16 --rate 5")
+    p = sub.add_parser(
+        "run",
+        help="run or resume a campaign",
+        formatter_class=fmt,
+        epilog="examples:\n  batchrunner run manifests/demo.yaml --sandbox\n"
+        "  CLIPRISE_API_KEY=... batchrunner run campaign.yaml --out out/campaign --concurrency 16 --rate 5",
+    )
     p.add_argument("manifest", help="a YAML or CSV manifest")
     p.add_argument("--out", metavar="DIR", help="output directory (default: the manifest's 'output', or out/<name> beside it)")
     p.add_argument("--force", action="store_true", help="adopt an output directory that holds another campaign's state")
@@ -343,34 +372,64 @@ def _parser() -> argparse.ArgumentParser:
     running(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("plan", help="validate and count a manifest; sends nothing", formatter_class=fmt, epilog="examples:\n  batchrunner plan manifests/demo.yaml\n  batchrunner plan manifests/demo.yaml --json")
+    p = sub.add_parser(
+        "plan",
+        help="validate and count a manifest; sends nothing",
+        formatter_class=fmt,
+        epilog="examples:\n  batchrunner plan manifests/demo.yaml\n  batchrunner plan manifests/demo.yaml --json",
+    )
     p.add_argument("manifest")
     p.add_argument("--out", metavar="DIR", help="output directory whose state tells what a re-run skips")
     p.add_argument("--json", action="store_true", help="print one JSON object (jobs, credits, by_model, …)")
     common(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("status", help="counts per state and failures of an output directory", formatter_class=fmt, epilog="example:\n  batchrunner status out/demo")
+    p = sub.add_parser(
+        "status",
+        help="counts per state and failures of an output directory",
+        formatter_class=fmt,
+        epilog="example:\n  batchrunner status out/demo",
+    )
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("retry", help="put failed jobs back to work and run them", formatter_class=fmt, epilog="example:\n  batchrunner retry out/demo --sandbox")
+    p = sub.add_parser(
+        "retry",
+        help="put failed jobs back to work and run them",
+        formatter_class=fmt,
+        epilog="example:\n  batchrunner retry out/demo --sandbox",
+    )
     p.add_argument("dir")
     running(p)
     p.set_defaults(func=cmd_retry)
 
-    p = sub.add_parser("report", help="rewrite report.json, report.csv and report.html", formatter_class=fmt, epilog="example:\n  batchrunner report out/demo")
+    p = sub.add_parser(
+        "report",
+        help="rewrite report.json, report.csv and report.html",
+        formatter_class=fmt,
+        epilog="example:\n  batchrunner report out/demo",
+    )
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("models", help="list the model catalog", formatter_class=fmt, epilog="examples:\n  batchrunner models --modality video\n  batchrunner models --json")
+    p = sub.add_parser(
+        "models",
+        help="list the model catalog",
+        formatter_class=fmt,
+        epilog="examples:\n  batchrunner models --modality video\n  batchrunner models --json",
+    )
     p.add_argument("--modality", choices=("image", "video", "audio"))
     p.add_argument("--json", action="store_true")
     common(p)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("sandbox", help="serve the simulated API for other tools", formatter_class=fmt, epilog="example:\n  batchrunner sandbox --port 8080 --time-scale 0.01 --p-429 0.05")
+    p = sub.add_parser(
+        "sandbox",
+        help="serve the simulated API for other tools",
+        formatter_class=fmt,
+        epilog="example:\n  batchrunner sandbox --port 8080 --time-scale 0.01 --p-429 0.05",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     p.add_argument("--key", default="sandbox-key", help="the API key it accepts")

@@ -140,12 +140,12 @@ class _Templates:
                     raise _Missing(name)
                 return env[name]  # a lone {name} keeps the var's type
             out = []
-            for literal, name in compiled:
+            for literal, field_name in compiled:
                 out.append(literal)
-                if name is not None:
-                    if name not in env:
-                        raise _Missing(name)
-                    out.append(str(env[name]))
+                if field_name is not None:
+                    if field_name not in env:
+                        raise _Missing(field_name)
+                    out.append(str(env[field_name]))
             return "".join(out)
         if isinstance(value, dict):
             return {k: self.render(v, env) for k, v in value.items()}
@@ -227,7 +227,9 @@ def expand(manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_t
             continue
         job_combos = _combos(job_matrix)
         path_tpl = path_template or fields.get("path") or manifest.path or DEFAULT_PATH
-        path_file, path_line = (file, fields.line_of("path")) if "path" in fields and not path_template else (manifest.file, manifest.line_of("path"))
+        path_file, path_line = (
+            (file, fields.line_of("path")) if "path" in fields and not path_template else (manifest.file, manifest.line_of("path"))
+        )
         callback = fields.get("callback_url", manifest.callback_url)
         for top in top_combos:
             for jc in job_combos:
@@ -235,9 +237,9 @@ def expand(manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_t
                 key = "model"
                 try:
                     model_name = str(templates.render(fields["model"], env))
-                    model = models.get(model_name, False)
-                    if model is False:
-                        model = models[model_name] = catalog.get(model_name)
+                    seen = model_name in models
+                    model = models[model_name] = models[model_name] if seen else catalog.get(model_name)
+                    if not seen:
                         if model is None:
                             text = f"model {model_name!r} is not in the catalog — check the spelling, or add it with --catalog FILE"
                             if strict:
@@ -245,7 +247,10 @@ def expand(manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_t
                             else:
                                 warnings[f"{file}:{fields.line_of('model')}: {text}; it will be sent as written"] = None
                         elif model.alias_of:
-                            warnings[f"{file}:{fields.line_of('model')}: {model_name} is an alias of {model.alias_of}; prefer {model.alias_of} for new work"] = None
+                            warnings[
+                                f"{file}:{fields.line_of('model')}: {model_name} is an alias of {model.alias_of}; "
+                                f"prefer {model.alias_of} for new work"
+                            ] = None
                     key = "input"
                     inputs = templates.render(fields.get("input") or {}, env)
                     if "prompt" in fields:
@@ -274,7 +279,9 @@ def expand(manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_t
                     jid = job_id(body, variant)
                     index = len(specs)
                     try:
-                        rel = templates.render(path_tpl, {**env, "model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT})
+                        rel = templates.render(
+                            path_tpl, {**env, "model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT}
+                        )
                         rel = safe_path(str(rel))
                     except _Missing as missing:
                         defined = ", ".join(sorted([*env, *SPECIAL_VARS]))
@@ -283,14 +290,26 @@ def expand(manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_t
                     except ValueError as exc:
                         problem(path_file, path_line, f"path {path_tpl!r} {exc}")
                         continue
-                    spec = JobSpec(jid, model_name, model.modality if model else "unknown", body, rel, variant, index, env, price, fields.line)
+                    spec = JobSpec(
+                        jid, model_name, model.modality if model else "unknown", body, rel, variant, index, env, price, fields.line
+                    )
                     twin = seen_ids.get(jid)
                     if twin is not None:
-                        problem(file, fields.line, f"{where} sends the same request as the job on line {twin.line} (id {jid}) — it would be paid twice for the same result; use 'variants:' for copies or make them differ")
+                        problem(
+                            file,
+                            fields.line,
+                            f"{where} sends the same request as the job on line {twin.line} (id {jid}) — it would be paid twice "
+                            "for the same result; use 'variants:' for copies or make them differ",
+                        )
                         continue
                     other = seen_paths.get(rel)
                     if other is not None:
-                        problem(file, fields.line, f"{where} writes to {rel}, as does the job on line {other.line} — add a var such as {{variant}} or {{job_id}} to 'path'")
+                        problem(
+                            file,
+                            fields.line,
+                            f"{where} writes to {rel}, as does the job on line {other.line} — "
+                            "add a var such as {variant} or {job_id} to 'path'",
+                        )
                         continue
                     seen_ids[jid] = seen_paths[rel] = spec
                     specs.append(spec)

@@ -75,19 +75,23 @@ def _sequence(loader: _Loader, node: yaml.SequenceNode) -> LineList:
     return result
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)  # type: ignore[arg-type]
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequence)  # type: ignore[arg-type]
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequence)
 # YAML 1.1 reads 1:1 and 16:9 as base-60 numbers; aspect ratios must stay strings.
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789")
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
 )
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -160,7 +164,9 @@ def _csv_jobs(path: Path, text: str, problems: list[Problem], *, standalone: boo
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
     if "model" not in header and (standalone or "prompt" not in header):
-        problems.append(Problem(name, 1, f"a CSV manifest needs a 'model' column (and usually 'prompt'); found: {', '.join(header) or 'none'}"))
+        problems.append(
+            Problem(name, 1, f"a CSV manifest needs a 'model' column (and usually 'prompt'); found: {', '.join(header) or 'none'}")
+        )
         return []
     for i, column in enumerate(header):
         if not column:
@@ -169,7 +175,7 @@ def _csv_jobs(path: Path, text: str, problems: list[Problem], *, standalone: boo
             problems.append(Problem(name, 1, f"column {column!r} appears twice — keep one"))
         elif "." in column and column.split(".", 1)[0] not in ("options", "input"):
             problems.append(Problem(name, 1, f"column {column!r}: only options.<key> and input.<key> may contain a dot"))
-    jobs = []
+    jobs: list[JobDef] = []
     for row in reader:
         line = reader.line_num
         if None in row:
@@ -219,7 +225,11 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
         doc = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        problems.append(Problem(name, mark.line + 1 if mark else None, f"YAML syntax: {exc.problem or exc.context} — fix the indentation or quoting there"))
+        problems.append(
+            Problem(
+                name, mark.line + 1 if mark else None, f"YAML syntax: {exc.problem or exc.context} — fix the indentation or quoting there"
+            )
+        )
         return Manifest(file=name, name=path.stem, output=path.parent)
     except yaml.YAMLError as exc:
         problems.append(Problem(name, None, f"YAML: {exc}"))
@@ -261,7 +271,13 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
     credits = typed("credits", dict, "a mapping of model id to credits per job") or {}
     for model, price in credits.items():
         if isinstance(price, bool) or not isinstance(price, int | float) or price < 0:
-            problems.append(Problem(name, credits.line_of(model), f"credits.{model}: must be a number ≥ 0, not {price!r}"))
+            problems.append(
+                Problem(
+                    name,
+                    getattr(credits, "key_lines", {}).get(model, where("credits")),
+                    f"credits.{model}: must be a number ≥ 0, not {price!r}",
+                )
+            )
     variables = typed("vars", dict, "a mapping of names to values") or {}
     matrix = _matrix(doc.get("matrix"), name, where("matrix"), "matrix", problems)
     rows = _rows(doc.get("rows"), path, where("rows"), problems)
@@ -288,7 +304,9 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
             except OSError:
                 bad("jobs_csv", f"{csv_path} cannot be read — check the path (relative to the manifest's folder)")
             else:
-                jobs.extend(JobDef(j.fields, len(jobs) + j.index, j.file) for j in _csv_jobs(csv_path, csv_text, problems, standalone=False))
+                jobs.extend(
+                    JobDef(j.fields, len(jobs) + j.index, j.file) for j in _csv_jobs(csv_path, csv_text, problems, standalone=False)
+                )
     if not jobs and "jobs" not in doc and "jobs_csv" not in doc:
         problems.append(Problem(name, doc.line or 1, "no jobs: add a 'jobs:' list or 'jobs_csv: file.csv'"))
     return Manifest(
@@ -333,7 +351,7 @@ def _matrix(value: Any, file: str, line: int, where: str, problems: list[Problem
         return {}
     result = {}
     for key, values in value.items():
-        key_line = value.line_of(key) if isinstance(value, LineDict) else line
+        key_line = value.key_lines.get(key, line) if isinstance(value, LineDict) else line
         if not isinstance(values, list) or not values:
             problems.append(Problem(file, key_line, f"{where}.{key}: must be a non-empty list, e.g. [a, b]"))
             continue
@@ -359,7 +377,13 @@ def _rows(value: Any, manifest: Path, line: int, problems: list[Problem]) -> lis
     reader.fieldnames = header
     bad = [h for h in header if not h.isidentifier()]
     if not header or bad:
-        problems.append(Problem(str(rows_path), 1, f"rows: every column needs a name usable as {{name}}; bad: {', '.join(repr(b) for b in bad) or 'no header'}"))
+        problems.append(
+            Problem(
+                str(rows_path),
+                1,
+                f"rows: every column needs a name usable as {{name}}; bad: {', '.join(repr(b) for b in bad) or 'no header'}",
+            )
+        )
         return []
     rows = []
     for row in reader:

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import redact
 from .store import Store
@@ -85,7 +86,7 @@ def _e(value: Any) -> str:
 
 def _media(job: dict[str, Any]) -> str:
     path = job["path"] or ""
-    src = _e("/".join(map(_quote, path.split("/"))))
+    src = _href(path)
     ext = path.rsplit(".", 1)[-1].lower()
     alt = _e(job["prompt"][:120])
     if ext in _IMAGE:
@@ -97,10 +98,9 @@ def _media(job: dict[str, Any]) -> str:
     return f'<a class="file" href="{src}">{_e(path)}</a>'
 
 
-def _quote(segment: str) -> str:
-    from urllib.parse import quote
-
-    return quote(segment)
+def _href(path: str) -> str:
+    """A relative, URL-quoted, HTML-escaped link to a file under the output folder."""
+    return _e("/".join(quote(segment) for segment in path.split("/")))
 
 
 def render_html(summary: dict[str, Any], jobs: list[dict[str, Any]], group_var: str | None) -> str:
@@ -113,7 +113,7 @@ def render_html(summary: dict[str, Any], jobs: list[dict[str, Any]], group_var: 
         groups.setdefault(key, []).append(job)
     credits = summary["credits"]
     planned = " (some prices unknown)" if credits["planned"] is None else f" of {credits['planned']:g} planned"
-    counts = " · ".join(f'<b>{n}</b> {_e(state)}' for state, n in sorted(summary["counts"].items())) or "no jobs"
+    counts = " · ".join(f"<b>{n}</b> {_e(state)}" for state, n in sorted(summary["counts"].items())) or "no jobs"
     models = sorted({j["model"] for j in jobs})
     options = "".join(f'<option value="{_e(m)}">{_e(m)}</option>' for m in models)
     parts = [
@@ -140,8 +140,8 @@ def render_html(summary: dict[str, Any], jobs: list[dict[str, Any]], group_var: 
             params = ", ".join(f"{_e(k)}={_e(v)}" for k, v in job["parameters"].items())
             parts.append(
                 f'<figure class=card data-model="{_e(job["model"])}">{_media(job)}<figcaption>'
-                f'<p class=prompt>{_e(job["prompt"])}</p><p><b>{_e(job["model"])}</b> {params}</p>'
-                f'<p class=path><a href="{_e("/".join(map(_quote, job["path"].split("/"))))}">{_e(job["path"])}</a></p></figcaption></figure>'
+                f"<p class=prompt>{_e(job['prompt'])}</p><p><b>{_e(job['model'])}</b> {params}</p>"
+                f'<p class=path><a href="{_href(job["path"])}">{_e(job["path"])}</a></p></figcaption></figure>'
             )
         parts.append("</div></section>")
     if failed:
@@ -149,7 +149,7 @@ def render_html(summary: dict[str, Any], jobs: list[dict[str, Any]], group_var: 
         for job in failed:
             parts.append(
                 f'<tr class=card data-model="{_e(job["model"])}"><td>{_e(job["id"])}</td><td>{_e(job["model"])}</td>'
-                f'<td>{_e(job["prompt"])}</td><td>{_e(job["error"] or "")}</td></tr>'
+                f"<td>{_e(job['prompt'])}</td><td>{_e(job['error'] or '')}</td></tr>"
             )
         parts.append("</table></section>")
     pending = len(jobs) - len(done) - len(failed)

@@ -22,7 +22,6 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import anyio
@@ -106,7 +105,7 @@ class Durations:
     The first poll aims at the ``quantile`` of recent estimates.
     """
 
-    def __init__(self, defaults: dict[str, float], history: Any = (), quantile: float = 0.4) -> None:
+    def __init__(self, defaults: dict[str, float], history: Any = (), quantile: float = 0.25) -> None:
         self.defaults = defaults
         self.quantile = quantile
         self.samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=256))
@@ -252,7 +251,11 @@ class Runner:
                     self.store.transition(job, JobState.PENDING, event=f"ambiguous: {exc.message}", ambiguous=1)
                     self.on_event("ambiguous", job, exc.message)
                     if ambiguous > self.config.max_ambiguous:
-                        self._fail(job, f"{ambiguous} submits went unanswered; not sending again — check the API, then `batchrunner retry`", NOT_RETRYABLE)
+                        self._fail(
+                            job,
+                            f"{ambiguous} submits went unanswered; not sending again — check the API, then `batchrunner retry`",
+                            NOT_RETRYABLE,
+                        )
                         return False
                     delay = backoff(ambiguous, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng)
                 except FatalApiError:
@@ -342,10 +345,25 @@ def check_budget(plan: Plan, max_credits: float | None, out_dir: Path) -> None:
     line = plan.manifest.line_of("max_credits")
     if cost is None:
         unknown = sorted({s.model for s in todo if s.credits is None})
-        raise ManifestError([Problem(plan.manifest.file, line, f"max_credits is set but the price of {', '.join(unknown)} is unknown — add them under 'credits:' in the manifest")])
+        raise ManifestError(
+            [
+                Problem(
+                    plan.manifest.file,
+                    line,
+                    f"max_credits is set but the price of {', '.join(unknown)} is unknown — add them under 'credits:' in the manifest",
+                )
+            ]
+        )
     if spent + cost > max_credits:
         raise ManifestError(
-            [Problem(plan.manifest.file, line, f"the plan costs {cost:g} credits ({spent:g} already spent), more than max_credits {max_credits:g} — raise max_credits or trim the manifest")]
+            [
+                Problem(
+                    plan.manifest.file,
+                    line,
+                    f"the plan costs {cost:g} credits ({spent:g} already spent), more than max_credits {max_credits:g} — "
+                    "raise max_credits or trim the manifest",
+                )
+            ]
         )
 
 
@@ -383,7 +401,12 @@ async def run_campaign(
         store.start_run()
         store.recover()
         store.reset_failed(retryable_only=not config.retry_failed)
-        async with Client(api_key=api_key, base_url=base_url, host_header=host_header or API_HOST, connections=config.concurrency + config.poll_connections) as client:
+        async with Client(
+            api_key=api_key,
+            base_url=base_url,
+            host_header=host_header or API_HOST,
+            connections=config.concurrency + config.poll_connections,
+        ) as client:
             runner = Runner(config, store, client, on_event=on_event, rng=rng)
             await runner.run(store.work())
         counts = store.counts()
@@ -403,4 +426,8 @@ async def run_campaign(
 
 def scale_expected(scale: float) -> dict[str, float]:
     """The default expected durations times ``scale`` (the embedded sandbox runs faster than real time)."""
-    return {k: max(0.001, v * scale) for k, v in DEFAULT_EXPECTED_S.items()} if scale > 0 and math.isfinite(scale) else dict(DEFAULT_EXPECTED_S)
+    return (
+        {k: max(0.001, v * scale) for k, v in DEFAULT_EXPECTED_S.items()}
+        if scale > 0 and math.isfinite(scale)
+        else dict(DEFAULT_EXPECTED_S)
+    )

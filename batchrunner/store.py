@@ -186,7 +186,8 @@ class Store:
     def end_run(self, outcome: str, summary: dict[str, Any]) -> None:
         if self.run_id is not None:
             self.conn.execute(
-                "UPDATE runs SET ended_at = ?, outcome = ?, summary = ? WHERE id = ?", (self.clock(), outcome, json.dumps(summary), self.run_id)
+                "UPDATE runs SET ended_at = ?, outcome = ?, summary = ? WHERE id = ?",
+                (self.clock(), outcome, json.dumps(summary), self.run_id),
             )
 
     def runs(self) -> list[sqlite3.Row]:
@@ -213,7 +214,9 @@ class Store:
                 "INSERT INTO jobs (id, idx, model, modality, spec, credits, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)", inserts
             )
             self.conn.execute("UPDATE jobs SET in_manifest = 0")
-            self.conn.executemany("UPDATE jobs SET in_manifest = 1, idx = ?, credits = ? WHERE id = ?", ((s.index, s.credits, s.id) for s in specs))
+            self.conn.executemany(
+                "UPDATE jobs SET in_manifest = 1, idx = ?, credits = ? WHERE id = ?", ((s.index, s.credits, s.id) for s in specs)
+            )
             for spec, state, old_final in moves:
                 self._move(spec, state, old_final)
         dropped = sum(before.values()) - sum(known.values())
@@ -299,7 +302,8 @@ class Store:
                 changed = self.conn.execute(sql, params).rowcount
                 if changed == 1:
                     self.conn.execute(
-                        "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", (self.run_id, job.id, now, str(to), redact(event))
+                        "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
+                        (self.run_id, job.id, now, str(to), redact(event)),
                     )
         if changed != 1:
             raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
@@ -307,7 +311,8 @@ class Store:
 
     def event(self, job_id: str | None, kind: str, detail: str) -> None:
         self.conn.execute(
-            "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", (self.run_id, job_id, self.clock(), kind, redact(detail))
+            "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
+            (self.run_id, job_id, self.clock(), kind, redact(detail)),
         )
 
     # -- reading ----------------------------------------------------------------------------
@@ -361,4 +366,6 @@ _SET_EXPR = {"submits": "submits + ?", "attempts": "attempts + ?", "credits_spen
 
 
 def _spec_json(spec: JobSpec) -> str:
-    return json.dumps({"body": spec.body, "path": spec.path, "variant": spec.variant, "vars": spec.vars}, separators=(",", ":"), default=str)
+    return json.dumps(
+        {"body": spec.body, "path": spec.path, "variant": spec.variant, "vars": spec.vars}, separators=(",", ":"), default=str
+    )

@@ -21,9 +21,9 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import plan_for, sandbox_process, write_manifest  # noqa: E402
+from _common import plan_for, sandbox_process, write_manifest
 
-from batchrunner.runner import RunConfig, run_campaign  # noqa: E402
+from batchrunner.runner import RunConfig, run_campaign
 
 KEY = "sandbox-key"
 HOST = {"Host": "business.api.cliprise.app"}
@@ -84,7 +84,17 @@ def main() -> None:
     print(f"baseline (raw aiohttp, no state): {args.jobs} jobs in {base_s:.2f} s = {base_rate:.0f} jobs/s")
     print(f"batchrunner (SQLite, atomic files): {args.jobs} jobs in {run_s:.2f} s = {run_rate:.0f} jobs/s")
     print(f"ratio runner/baseline: {run_rate / base_rate:.2f}")
-    print(json.dumps({"jobs": args.jobs, "concurrency": args.concurrency, "jobs_per_s": round(run_rate, 1), "baseline_jobs_per_s": round(base_rate, 1), "ratio": round(run_rate / base_rate, 3)}))
+    print(
+        json.dumps(
+            {
+                "jobs": args.jobs,
+                "concurrency": args.concurrency,
+                "jobs_per_s": round(run_rate, 1),
+                "baseline_jobs_per_s": round(base_rate, 1),
+                "ratio": round(run_rate / base_rate, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,7 +70,11 @@ def test_ctrl_c_saves_state_exits_130_and_resumes(tmp_path: Path, write) -> None
     with sandbox_process("--key", KEY, "--time-scale", "0.02") as url:
         env = {**os.environ, "CLIPRISE_API_KEY": KEY, "CLIPRISE_BASE_URL": url}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "batchrunner.cli", "run", str(path), "--out", str(out), "--poll-scale", "0.02"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-m", "batchrunner.cli", "run", str(path), "--out", str(out), "--poll-scale", "0.02"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         time.sleep(1.5)
         proc.send_signal(signal.SIGINT)
@@ -91,7 +95,16 @@ def test_key_never_reaches_files_or_logs(tmp_path: Path, write) -> None:  # type
     path = manifest(write, 6)
     out = tmp_path / "out"
     with sandbox_process("--key", KEY, "--time-scale", "0.001", "--failure-rate", "0.3", "--p-5xx", "0.1", "--p-truncate", "0.2") as url:
-        result = cli("run", str(path), "--out", str(out), "--verbose", "--poll-scale", "0.001", env={"CLIPRISE_API_KEY": KEY, "CLIPRISE_BASE_URL": url})
+        result = cli(
+            "run",
+            str(path),
+            "--out",
+            str(out),
+            "--verbose",
+            "--poll-scale",
+            "0.001",
+            env={"CLIPRISE_API_KEY": KEY, "CLIPRISE_BASE_URL": url},
+        )
     assert result.returncode in (0, 1), result.stderr
     assert KEY not in result.stdout + result.stderr
     files = [p for p in out.rglob("*") if p.is_file()]

@@ -37,7 +37,10 @@ def test_demo_yaml_and_csv_expand() -> None:
 
 
 def test_yaml_and_csv_give_the_same_jobs(write) -> None:  # type: ignore[no-untyped-def]
-    y = write("c.yaml", 'jobs:\n  - model: flux-2\n    prompt: "a cat"\n    input: {aspect_ratio: "1:1"}\n    options: {tier: pro}\n    variants: 2\n')
+    y = write(
+        "c.yaml",
+        'jobs:\n  - model: flux-2\n    prompt: "a cat"\n    input: {aspect_ratio: "1:1"}\n    options: {tier: pro}\n    variants: 2\n',
+    )
     c = write("c.csv", "model,prompt,input.aspect_ratio,options.tier,variants\nflux-2,a cat,1:1,pro,2\n")
     assert [(s.id, s.body) for s in specs(y)] == [(s.id, s.body) for s in specs(c)]
 
@@ -92,11 +95,17 @@ BROKEN = [
     ("jobs:\n  - model: flux-2\n    prompt: [unclosed\n", "m.yaml:4: YAML syntax"),
     ("name: x\nmatrx: {a: [1]}\njobs: []\n", "m.yaml:2: matrx: unknown key — did you mean 'matrix'?"),
     ("jobs:\n  - model: flux-2\n    promt: x\n", "m.yaml:3: jobs[0].promt: unknown key — did you mean 'prompt'?"),
-    ("jobs:\n  - model: flux-2\n    prompt: '{colour} bottle'\nvars: {brand: A}\n", "m.yaml:3: jobs[0].prompt uses {colour}, which is not defined (defined: brand)"),
+    (
+        "jobs:\n  - model: flux-2\n    prompt: '{colour} bottle'\nvars: {brand: A}\n",
+        "m.yaml:3: jobs[0].prompt uses {colour}, which is not defined (defined: brand)",
+    ),
     ("concurrency: lots\njobs:\n  - {model: flux-2, prompt: x}\n", "m.yaml:1: concurrency: must be a whole number ≥ 1, not 'lots'"),
     ("rows: nowhere.csv\njobs:\n  - {model: flux-2, prompt: x}\n", "m.yaml:1: rows: "),
     ("jobs:\n  - model: flux-2\n    prompt: x\n  - model: flux-2\n    prompt: x\n", "sends the same request as the job on line 2"),
-    ("path: same.{ext}\njobs:\n  - {model: flux-2, prompt: a}\n  - {model: flux-2, prompt: b}\n", "writes to same.{ext}, as does the job on line 3"),
+    (
+        "path: same.{ext}\njobs:\n  - {model: flux-2, prompt: a}\n  - {model: flux-2, prompt: b}\n",
+        "writes to same.{ext}, as does the job on line 3",
+    ),
     ("path: ../{job_id}.{ext}\njobs:\n  - {model: flux-2, prompt: a}\n", "m.yaml:1: path '../{job_id}.{ext}' uses '..'"),
     ("path: /abs/{job_id}\njobs:\n  - {model: flux-2, prompt: a}\n", "is absolute"),
     ("jobs:\n  - model: flux-2\n    prompt: a\n    input: {aspect_ratio: '5:7'}\n", "aspect_ratio='5:7' is not accepted by flux-2"),

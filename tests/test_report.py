@@ -67,7 +67,9 @@ def test_report_html_is_self_contained_and_relative(demo_out: Path) -> None:
 
 
 def test_report_lists_failures_with_reasons(tmp_path: Path) -> None:
-    assert main(["run", str(ROOT / "manifests/demo.csv"), "--sandbox", "--sandbox-failure-rate", "1", "--out", str(tmp_path), "--quiet"]) == 1
+    assert (
+        main(["run", str(ROOT / "manifests/demo.csv"), "--sandbox", "--sandbox-failure-rate", "1", "--out", str(tmp_path), "--quiet"]) == 1
+    )
     page = (tmp_path / "report.html").read_text()
     assert page.count("content policy violation") == 4 and "<h2>failed</h2>" in page
 

@@ -52,7 +52,12 @@ def _png_body(prompt: str, size: int, variation: int = 0) -> bytes:
 
 def png(prompt: str, tag: str, size: int = 96) -> bytes:
     # colours follow the prompt; the pattern varies a little per task, so variants look like variants
-    return b"\x89PNG\r\n\x1a\n" + _png_body(prompt, size, _digest(tag)[0] % 3) + _png_chunk(b"tEXt", b"task\x00" + tag.encode()) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_body(prompt, size, _digest(tag)[0] % 3)
+        + _png_chunk(b"tEXt", b"task\x00" + tag.encode())
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def mp4(prompt: str, tag: str) -> bytes:

@@ -36,7 +36,10 @@ from . import media
 
 API_HOST = "business.api.cliprise.app"
 DEFAULT_DURATIONS_S = {"image": (8.0, 0.35), "video": (60.0, 0.35), "audio": (15.0, 0.35)}
-HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+HTML_502 = (
+    b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
+    b"<hr><center>nginx</center></body></html>"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +81,7 @@ class Task:
     finish_at: float
     fail_reason: str | None
     terminal_seen: bool = False
+    seen_at: float | None = None  # when a status call first reported the outcome
 
 
 @dataclass(slots=True)
@@ -245,14 +249,14 @@ class Sandbox:
                     parsed = json.loads(value)
                 except ValueError:
                     return f"{name}: invalid JSON string", "", ""
-                if not isinstance(parsed, kind) or (kind is list and not all(isinstance(u, str) for u in parsed)):
+                if not isinstance(parsed, kind) or (isinstance(parsed, list) and not all(isinstance(u, str) for u in parsed)):
                     return f"{name}: must be a stringified JSON {'object' if kind is dict else 'array of URLs'}", "", ""
         if "callBackUrl" in body and not str(body["callBackUrl"]).startswith("https://"):
             return "callBackUrl: must be an HTTPS URL", "", ""
+        fields: Any = body
         if model.root_only:
             if "input" in body:
                 return f"input: not allowed for {model.id}; send fields at the root", "", ""
-            fields = body
         else:
             fields = body.get("input")
             if not isinstance(fields, dict):
@@ -325,7 +329,7 @@ class Sandbox:
         if self.clock() < task.finish_at:
             return self._json({"status": "processing"}, 300)
         if not task.terminal_seen:
-            task.terminal_seen = True
+            task.terminal_seen, task.seen_at = True, self.clock()
             self.stats.in_flight -= 1
         if task.fail_reason:
             return self._json({"status": "failed", "failMsg": task.fail_reason}, 400)
