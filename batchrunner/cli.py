@@ -192,7 +192,7 @@ def _execute(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool
         print("error: No API key: set CLIPRISE_API_KEY, or try the demo with --sandbox", file=sys.stderr)
         return EXIT_BAD_INPUT
     config = _config(args, plan, out, retry)
-    total = len(plan.specs) if plan else sum(Store_counts(out).values())
+    total = len(plan.specs) if plan else sum(_stored_counts(out).values())
     progress = Progress(total, args.quiet, args.verbose)
     try:
         result = anyio.run(_run, args, plan, config, progress)
@@ -214,7 +214,7 @@ def _execute(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool
     return EXIT_FAILED
 
 
-def Store_counts(out: Path) -> dict[str, int]:
+def _stored_counts(out: Path) -> dict[str, int]:
     store = Store.open(out, lock=False, create=False)
     try:
         return store.counts()
@@ -230,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     out = Path(args.dir)
-    Store_counts(out)  # refuses a directory with no state
+    _stored_counts(out)  # refuses a directory with no state
     return _execute(args, None, out, retry=True)
 
 

@@ -326,7 +326,6 @@ class Runner:
         self.store.transition(
             job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now, duration_s=job.duration_s
         )
-        job.final_path = fetched.path
         self.on_event("done", job, fetched.path)
 
 

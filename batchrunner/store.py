@@ -88,7 +88,6 @@ class Job:
     task_id: str | None
     credits: float | None
     submitted_at: float | None
-    final_path: str | None = None
     duration_s: float | None = None
 
 

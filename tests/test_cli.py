@@ -45,7 +45,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, write) -> None:  
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             progress.append(len(peek(out)[0]))
-        assert 0 < progress[0] < progress[2] < 75, progress  # the kills landed mid-campaign
+        assert any(0 < done < 75 for done in progress), progress  # kills landed mid-campaign
         done = cli("run", str(path), "--out", str(out), "--quiet", "--poll-scale", "0.01", env=env)
         assert done.returncode == 0, done.stderr
         counters = stats(url)
