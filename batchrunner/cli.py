@@ -126,7 +126,7 @@ class Progress:
         self.total, self.quiet, self.verbose = total, quiet, verbose
         self.counts = {"submitted": 0, "done": 0, "failed": 0}
         self.bar: Any = None
-        self.last = 0.0
+        self.last = time.monotonic()  # plain lines every few seconds, the first after a few seconds
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm  # type: ignore[import-untyped]
 
@@ -141,7 +141,7 @@ class Progress:
             if kind in ("done", "failed"):
                 self.bar.update(1)
             self.bar.set_postfix(submitted=self.counts["submitted"], failed=self.counts["failed"], refresh=False)
-        elif not self.quiet and (time.monotonic() - self.last > 5 or kind == "end"):
+        elif not self.quiet and time.monotonic() - self.last > 5:
             self.last = time.monotonic()
             c = self.counts
             print(f"progress: {c['done']}/{self.total} done, {c['failed']} failed, {c['submitted']} submitted", file=sys.stderr)
