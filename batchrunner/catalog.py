@@ -158,6 +158,12 @@ def check_fields(model: Model, fields: dict[str, Any]) -> list[str]:
     return errors
 
 
+def model_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The model's fields of a request body, whichever input style built it (the inverse of :func:`build_body`)."""
+    fields = body.get("input", body)
+    return fields if isinstance(fields, dict) else {}
+
+
 def build_body(
     model_id: str, root_only: bool, fields: dict[str, Any], stringified: dict[str, Any], callback_url: str | None
 ) -> dict[str, Any]:

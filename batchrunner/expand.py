@@ -48,11 +48,6 @@ class JobSpec:
     credits: float | None = None
     line: int | None = None
 
-    @property
-    def prompt(self) -> str:
-        fields = self.body.get("input", self.body)
-        return str(fields.get("prompt", "")) if isinstance(fields, dict) else ""
-
 
 @dataclass(slots=True)
 class Plan:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .catalog import model_fields
 from .errors import redact
 from .store import Store
 
@@ -31,8 +32,7 @@ _AUDIO = {"wav", "mp3", "ogg", "flac"}
 
 def _job_record(row: Any) -> dict[str, Any]:
     spec = json.loads(row["spec"])
-    body = spec["body"]
-    fields = body.get("input", body) if isinstance(body.get("input", body), dict) else {}
+    fields = model_fields(spec["body"])
     return {
         "id": row["id"], "state": row["state"], "model": row["model"], "modality": row["modality"],
         "path": row["path"], "sha256": row["sha256"], "bytes": row["bytes"], "task_id": row["task_id"],

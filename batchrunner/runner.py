@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 
+from .catalog import model_fields
 from .client import Client, Failed, Processing
 from .download import save
 from .errors import (
@@ -305,7 +306,8 @@ class Runner:
                         return
                     self.store.transition(job, JobState.DOWNLOADING)
                     sidecar = {
-                        "job_id": job.id, "model": job.model, "prompt": _prompt(job.body), "request": job.body, "vars": job.vars,
+                        "job_id": job.id, "model": job.model, "prompt": str(model_fields(job.body).get("prompt", "")),
+                        "request": job.body, "vars": job.vars,
                         "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
                     }  # fmt: skip
                     fetched = await save(answer, self.config.out_dir, job.path, sidecar)
@@ -327,11 +329,6 @@ class Runner:
             job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now, duration_s=job.duration_s
         )
         self.on_event("done", job, fetched.path)
-
-
-def _prompt(body: dict[str, Any]) -> str:
-    fields = body.get("input", body)
-    return str(fields.get("prompt", "")) if isinstance(fields, dict) else ""
 
 
 def check_budget(plan: Plan, max_credits: float | None, out_dir: Path) -> None:

@@ -308,12 +308,6 @@ class Store:
             raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
         job.state = to
 
-    def event(self, job_id: str | None, kind: str, detail: str) -> None:
-        self.conn.execute(
-            "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
-            (self.run_id, job_id, self.clock(), kind, redact(detail)),
-        )
-
     # -- reading ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT state, count(*) FROM jobs WHERE in_manifest = 1 GROUP BY state")
@@ -338,9 +332,6 @@ class Store:
             params = tuple(states)
             sql += f" AND state IN ({','.join('?' * len(params))})"
         return self.conn.execute(sql + " ORDER BY idx", params).fetchall()
-
-    def done_ids(self) -> set[str]:
-        return {r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE state = 'done'")}
 
 
 def peek(out_dir: Path) -> tuple[set[str], float]:
