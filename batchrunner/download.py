@@ -9,10 +9,13 @@ and leaves nothing behind. A sidecar ``<file>.json`` records where the file came
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import queue
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,38 +67,98 @@ class Fetched:
     bytes: int
 
 
-SMALL = 1 << 20  # results up to this size are buffered and written in one worker-thread call
+SMALL = 1 << 20  # results up to this size are buffered and written by the Finisher in one go
 
 
-def _finish(tmp: Path, data: bytes | None, final: Path, sidecar: dict[str, Any]) -> None:
-    """In a worker thread: write (if buffered), fsync, rename into place, write the sidecar."""
-    if data is not None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, final)
+def _finish(tmp: Path, data: bytes | None, final: Path, sidecar: str) -> None:
+    """Write (if buffered), fsync, rename into place, write the sidecar; on error leave no temp file."""
+    try:
+        if data is not None:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     write_sidecar(final, sidecar)
 
 
-async def save(dl: Download, out_dir: Path, rel_template: str, sidecar: dict[str, Any]) -> Fetched:
+class Finisher:
+    """One worker thread that puts finished results in place, many per wake-up.
+
+    A pool thread per file costs more than the file: every hand-over wakes a thread and
+    the event loop, and threads fight for the GIL. Here jobs queue their files; the thread
+    takes everything queued, finishes each file in turn, and wakes the event loop once for
+    the whole batch. (aiohttp ties batchrunner to asyncio, so this uses asyncio futures.)
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.SimpleQueue[tuple[tuple[Path, bytes | None, Path, str], asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="batchrunner-files", daemon=True)
+        self._thread.start()
+
+    async def finish(self, tmp: Path, data: bytes | None, final: Path, sidecar: str) -> None:
+        """Have :func:`_finish` done in the thread. If the caller is cancelled the file is still finished (harmless)."""
+        future = self._loop.create_future()
+        self._queue.put(((tmp, data, final, sidecar), future))
+        await future
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _work(self) -> None:
+        done = False
+        while not done:
+            batch = [self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get())
+            if None in batch:
+                done = True
+            results = []
+            for item in batch:
+                if item is not None:
+                    try:
+                        _finish(*item[0])
+                        results.append((item[1], None))
+                    except Exception as exc:
+                        results.append((item[1], exc))
+            if results:
+                self._loop.call_soon_threadsafe(_settle, results)
+
+
+def _settle(results: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
+    for future, error in results:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+
+async def save(dl: Download, out_dir: Path, rel_template: str, sidecar: dict[str, Any], finisher: Finisher) -> Fetched:
     """Write an open result download to ``out_dir / rel_template`` (``{ext}`` from the real type), with its sidecar.
 
     Small results (most images) are read whole, then written, fsynced, renamed and given
-    their sidecar in a single worker-thread call; larger ones stream through aiofiles chunk
-    by chunk. Both hash on the way and pass the same checks before the atomic rename.
+    their sidecar by the ``finisher``'s thread; larger ones stream through aiofiles chunk
+    by chunk first. Both hash on the way and pass the same checks before the atomic rename.
     """
     draft = out_dir / rel_template.replace("{ext}", "part")
     tmp = draft.with_name(f".{draft.name}.{secrets.token_hex(4)}.tmp")
     digest, size, head = hashlib.sha256(), 0, b""
     data: bytes | None = None
-    await anyio.to_thread.run_sync(lambda: draft.parent.mkdir(parents=True, exist_ok=True))
     try:
         if dl.content_length is not None and dl.content_length <= SMALL:
             data = b"".join([chunk async for chunk in dl.chunks()])
             digest.update(data)
             size, head = len(data), data[:16]
         else:
+            await anyio.to_thread.run_sync(lambda: draft.parent.mkdir(parents=True, exist_ok=True))
             async with aiofiles.open(tmp, "wb") as f:
                 async for chunk in dl.chunks():
                     if len(head) < 16:
@@ -112,18 +175,23 @@ async def save(dl: Download, out_dir: Path, rel_template: str, sidecar: dict[str
         rel = rel_template.replace("{ext}", sniff(head) or EXT_FROM_TYPE.get(dl.content_type, "bin"))
         fetched = Fetched(rel, digest.hexdigest(), size)
         record = {**sidecar, "path": rel, "sha256": fetched.sha256, "bytes": size}
-        await anyio.to_thread.run_sync(_finish, tmp, data, out_dir / rel, record)
+        await finisher.finish(tmp, data, out_dir / rel, sidecar_text(record))
     finally:
-        if data is None and tmp.exists():
-            tmp.unlink()
+        if data is None:
+            tmp.unlink(missing_ok=True)
     return fetched
 
 
-def write_sidecar(path: Path, record: dict[str, Any]) -> None:
-    """``<file>.json`` beside a result: model, prompt, parameters, task id, timings (key redacted).
+def sidecar_text(record: dict[str, Any]) -> str:
+    """The sidecar's JSON (one line, key redacted): encoded on the event loop by the C encoder, not in a worker thread."""
+    return redact(json.dumps(record, ensure_ascii=False, default=str)) + "\n"
+
+
+def write_sidecar(path: Path, text: str) -> None:
+    """``<file>.json`` beside a result: model, prompt, parameters, task id, timings.
 
     Written in place, not via a temp file: it is written before the job is recorded as
     done, so a run killed mid-write re-downloads the job and writes the sidecar again.
     """
     with open(path.with_name(path.name + ".json"), "w", encoding="utf-8") as f:
-        f.write(redact(json.dumps(record, indent=1, ensure_ascii=False, default=str)) + "\n")
+        f.write(text)

@@ -28,7 +28,7 @@ import anyio
 
 from .catalog import model_fields
 from .client import Client, Failed, Processing
-from .download import save
+from .download import Finisher, save
 from .errors import (
     AmbiguousSubmit,
     BatchRunnerError,
@@ -42,7 +42,7 @@ from .errors import (
     UnknownTask,
 )
 from .expand import Plan
-from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store, peek
+from .store import FLUSH_S, NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store, peek
 
 DEFAULT_EXPECTED_S = {"image": 10.0, "video": 90.0, "audio": 20.0, "unknown": 30.0}
 EventHandler = Callable[[str, Job | None, str], None]
@@ -185,14 +185,27 @@ class Runner:
         self._scope: anyio.CancelScope | None = None
 
     async def run(self, jobs: list[Job]) -> None:
-        async with anyio.create_task_group() as tg:
-            self._scope = tg.cancel_scope
-            for job in jobs:
-                await self._slots.acquire()
-                if self.stop_reason is not None:
-                    self._slots.release()
-                    break
-                tg.start_soon(self._job, job)
+        self._finisher = Finisher()
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._flusher)
+                async with anyio.create_task_group() as tg:
+                    self._scope = tg.cancel_scope
+                    for job in jobs:
+                        await self._slots.acquire()
+                        if self.stop_reason is not None:
+                            self._slots.release()
+                            break
+                        tg.start_soon(self._job, job)
+                outer.cancel_scope.cancel()
+        finally:
+            self._finisher.close()
+
+    async def _flusher(self) -> None:
+        """Commit a batch of transitions that no submit is waiting for (finished jobs) soon, even when the run goes quiet."""
+        while True:
+            await anyio.sleep(FLUSH_S)
+            self.store.flush()
 
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -232,6 +245,7 @@ class Runner:
                 return False
             await self.pacer.generate_slot()
             self.store.transition(job, JobState.SUBMITTING)
+            await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
             with anyio.CancelScope(shield=True):  # a sent POST's task id is always recorded
                 try:
                     task_id = await self.client.generate(job.body)
@@ -269,6 +283,7 @@ class Runner:
                     now = self.clock()
                     self.spent += cost
                     self.store.transition(job, JobState.SUBMITTED, task_id=task_id, submitted_at=now, submits=1, credits_spent=cost)
+                    await self.store.durable()
                     job.task_id, job.submitted_at = task_id, now
                     self.on_event("submitted", job, task_id)
                     return True
@@ -310,7 +325,7 @@ class Runner:
                         "request": job.body, "vars": job.vars,
                         "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
                     }  # fmt: skip
-                    fetched = await save(answer, self.config.out_dir, job.path, sidecar)
+                    fetched = await save(answer, self.config.out_dir, job.path, sidecar, self._finisher)
             except RateLimited as exc:
                 self.pacer.rate_limited(exc.retry_after_s, 1.0)
                 continue
@@ -414,9 +429,11 @@ async def run_campaign(
         outcome, error = "stopped", exc.message
         raise
     finally:
-        summary = write_reports(store, wall_s=time.time() - started, outcome=outcome, error=error)
-        store.end_run(outcome, summary)
-        store.close()
+        try:
+            summary = write_reports(store, wall_s=time.time() - started, outcome=outcome, error=error)
+            store.end_run(outcome, summary)
+        finally:
+            store.close()
     return RunResult(outcome, dict(summary["counts"]), summary, error)
 
 

@@ -8,8 +8,15 @@ by an ``flock`` that the OS drops when the holder dies, so a SIGKILLed run never
 stale lock behind.
 
 The allowed transitions live in :data:`TRANSITIONS` and nowhere else; a transition is one
-``UPDATE … WHERE state IN (allowed sources)``, committed before the caller's next network
-call, so a racing or illegal change is refused rather than silently applied.
+``UPDATE … WHERE state IN (allowed sources)``, so a racing or illegal change is refused
+rather than silently applied.
+
+Group commit: transitions are written into an open transaction and committed together —
+by :meth:`Store.durable`, which a caller awaits before a network call that depends on its
+transition (one commit serves every job that asks in the same turn of the event loop), and
+at the latest :data:`FLUSH_S` after the batch opened. Losing an uncommitted batch to a hard
+kill is safe by construction: only transitions nothing paid depends on wait for a later
+commit (a finished download not yet marked done is fetched again, free).
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from .errors import StateError, redact
 from .expand import JobSpec
 
 STATE_DIR = ".batchrunner"
+FLUSH_S = 0.2  # an open batch of transitions is committed at most this long after it opened
 NOT_RETRYABLE, RESUBMIT, REPOLL = 0, 1, 2
 
 
@@ -109,6 +119,9 @@ class Store:
         self._lock_fd = lock_fd
         self.clock = clock
         self.run_id: int | None = None
+        self._batch_at = 0.0  # time.monotonic() when the open batch began
+        self._committing: anyio.Event | None = None
+        self._broken: StateError | None = None
 
     @classmethod
     def open(cls, out_dir: Path, *, lock: bool = True, create: bool = True, clock: Callable[[], float] = time.time) -> Store:
@@ -147,10 +160,13 @@ class Store:
         return store
 
     def close(self) -> None:
-        self.conn.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        try:
+            self.flush()
+        finally:
+            self.conn.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -165,6 +181,7 @@ class Store:
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
+        self.flush()
         self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def claim(self, campaign: str, *, force: bool = False) -> None:
@@ -178,11 +195,13 @@ class Store:
         self.set_meta("campaign", campaign)
 
     def start_run(self) -> int:
+        self.flush()
         cur = self.conn.execute("INSERT INTO runs (started_at) VALUES (?)", (self.clock(),))
         self.run_id = int(cur.lastrowid or 0)
         return self.run_id
 
     def end_run(self, outcome: str, summary: dict[str, Any]) -> None:
+        self.flush()
         if self.run_id is not None:
             self.conn.execute(
                 "UPDATE runs SET ended_at = ?, outcome = ?, summary = ? WHERE id = ?",
@@ -195,6 +214,7 @@ class Store:
     # -- jobs -------------------------------------------------------------------------------
     def sync(self, specs: list[JobSpec]) -> SyncResult:
         """Insert new jobs; known jobs keep their state (and their finished file, moved if the path template changed)."""
+        self.flush()
         now = self.clock()
         before = dict(self.conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
         known_paths = {r[0]: (r[1], r[2], r[3]) for r in self.conn.execute("SELECT id, state, spec, path FROM jobs")}
@@ -238,6 +258,7 @@ class Store:
 
     def recover(self) -> dict[str, int]:
         """After a crash: a job caught mid-submit is ambiguous (resubmitted, counted); mid-download is re-polled."""
+        self.flush()
         now = self.clock()
         with self.conn:
             self.conn.execute("BEGIN")
@@ -265,6 +286,7 @@ class Store:
         credits, so only ``retry`` does it), :data:`RESUBMIT` (never accepted: free to send
         again) or :data:`REPOLL` (the task exists: poll and download it again, never resubmit).
         """
+        self.flush()
         where = "state = 'failed' AND in_manifest = 1" + (" AND retryable > 0" if retryable_only else "")
         cur = self.conn.execute(
             "UPDATE jobs SET state = CASE WHEN retryable = ? AND task_id IS NOT NULL THEN 'submitted' ELSE 'pending' END, "
@@ -286,27 +308,57 @@ class Store:
         return jobs
 
     def transition(self, job: Job, to: JobState, *, event: str | None = None, **fields: Any) -> None:
-        """Move ``job`` to ``to`` (setting ``fields``), committed now; refuses a move :data:`TRANSITIONS` does not allow."""
+        """Move ``job`` to ``to`` (setting ``fields``) in the open batch; refuses a move :data:`TRANSITIONS` does not allow.
+
+        Committed with its batch: await :meth:`durable` before anything that depends on it.
+        """
         now = self.clock()
         sets = ["state = ?", "updated_at = ?"] + [f"{name} = {_SET_EXPR.get(name, '?')}" for name in fields]
         values: list[Any] = [str(to), now, *(redact(v) if isinstance(v, str) else v for v in fields.values())]
         allowed = TRANSITIONS[to]
         sql = f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({','.join('?' * len(allowed))})"
-        params = (*values, job.id, *map(str, allowed))
-        if event is None:  # one statement: atomic on its own, and the common path
-            changed = self.conn.execute(sql, params).rowcount
-        else:
-            with self.conn:
-                self.conn.execute("BEGIN")
-                changed = self.conn.execute(sql, params).rowcount
-                if changed == 1:
-                    self.conn.execute(
-                        "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
-                        (self.run_id, job.id, now, str(to), redact(event)),
-                    )
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+            self._batch_at = time.monotonic()
+        changed = self.conn.execute(sql, (*values, job.id, *map(str, allowed))).rowcount
         if changed != 1:
             raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
+        if event is not None:
+            self.conn.execute(
+                "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", (self.run_id, job.id, now, str(to), redact(event))
+            )
         job.state = to
+        if time.monotonic() - self._batch_at >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the open batch of transitions, if any. A failed commit breaks the store for good."""
+        if self._broken is not None:
+            raise self._broken
+        if self.conn.in_transaction:
+            try:
+                self.conn.commit()
+            except sqlite3.Error as exc:
+                self._broken = StateError(f"cannot write the state file {self.out_dir / STATE_DIR}: {exc} — fix that, then run again")
+                raise self._broken from exc
+
+    async def durable(self) -> None:
+        """Return once every transition written so far is committed.
+
+        The first caller of a turn yields once so that the other jobs of that turn add
+        theirs, then commits for all of them; the others wait for that commit.
+        """
+        while self.conn.in_transaction or self._broken is not None:
+            if self._committing is not None:
+                await self._committing.wait()
+                continue
+            self._committing = done = anyio.Event()
+            try:
+                await anyio.sleep(0)
+            finally:
+                self._committing = None
+                done.set()
+                self.flush()  # raises (disk full…) in this caller; the others try again
 
     # -- reading ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
