@@ -120,7 +120,7 @@ class Finisher:
                 batch.append(self._queue.get())
             if None in batch:
                 done = True
-            results = []
+            results: list[tuple[asyncio.Future[None], Exception | None]] = []
             for item in batch:
                 if item is not None:
                     try:

@@ -325,7 +325,8 @@ class Store:
             raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
         if event is not None:
             self.conn.execute(
-                "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", (self.run_id, job.id, now, str(to), redact(event))
+                "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
+                (self.run_id, job.id, now, str(to), redact(event)),
             )
         job.state = to
         if time.monotonic() - self._batch_at >= FLUSH_S:
