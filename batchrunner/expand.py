@@ -161,16 +161,20 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> LineDict:
     return result
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
 def job_id(body: dict[str, Any], variant: int) -> str:
     """The stable id of a job (see the module docstring: this is a contract)."""
-    canonical = json.dumps({k: v for k, v in body.items() if k != "callBackUrl"}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = _CANONICAL({k: v for k, v in body.items() if k != "callBackUrl"})
     return hashlib.sha256(f"batchrunner-job-v1\0{canonical}\0{variant}".encode()).hexdigest()[:20]
 
 
 def safe_path(path: str) -> str:
     """A relative path confined to the output folder; raises ValueError for absolute paths and ``..``."""
     path = path.replace("\\", "/")
-    if path.startswith("/") or re.match(r"^[A-Za-z]:", path):
+    if path.startswith("/") or _DRIVE.match(path):
         raise ValueError("is absolute — output paths are relative to the output folder")
     parts = []
     for segment in path.split("/"):

@@ -8,15 +8,15 @@ files relatively, so the output folder can be zipped and opened anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
-import io
 import json
 import os
 import time
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import quote
 
 from .catalog import model_fields
@@ -42,41 +42,76 @@ def _job_record(row: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _atomic_write(path: Path, text: str) -> None:
+class _Redacting:
+    """A text file whose every write passes through :func:`redact`."""
+
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+
+    def write(self, text: str) -> None:
+        self.file.write(redact(text))
+
+
+@contextlib.contextmanager
+def _report_file(path: Path) -> Iterator[_Redacting]:
+    """A report written beside its final name and renamed into place only when whole."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(redact(text), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            yield _Redacting(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def write_reports(store: Store, *, wall_s: float | None = None, outcome: str | None = None, error: str | None = None) -> dict[str, Any]:
-    """Write the three reports into the store's directory; return the summary."""
-    jobs = [_job_record(r) for r in store.rows()]
-    counts = dict(Counter(j["state"] for j in jobs))
+def summarize(store: Store, *, wall_s: float | None = None, outcome: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """The campaign's summary, from SQL aggregates (no job is loaded)."""
+    counts = store.counts()
     totals = store.totals()
-    prices = [r for r in store.conn.execute("SELECT credits FROM jobs WHERE in_manifest = 1")]
-    planned = None if any(p[0] is None for p in prices) else sum(p[0] for p in prices)
-    summary: dict[str, Any] = {
+    unpriced, planned = store.conn.execute("SELECT count(*) - count(credits), sum(credits) FROM jobs WHERE in_manifest = 1").fetchone()
+    models = [r[0] for r in store.conn.execute("SELECT DISTINCT model FROM jobs WHERE in_manifest = 1 ORDER BY model")]
+    return {
         "campaign": store.meta("campaign"),
         "outcome": outcome,
         "error": error,
-        "jobs": len(jobs),
+        "jobs": sum(counts.values()),
         "counts": counts,
         "ambiguous_resubmitted": totals["ambiguous_resubmitted"],
         "submits": totals["submits"],
-        "credits": {"spent": totals["credits_spent"], "planned": planned},
+        "credits": {"spent": totals["credits_spent"], "planned": None if unpriced else float(planned or 0)},
         "wall_s": round(wall_s, 3) if wall_s is not None else None,
         "runs": len(store.runs()),
-        "models": sorted({j["model"] for j in jobs}),
+        "models": models,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def write_reports(store: Store, *, wall_s: float | None = None, outcome: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """Write the three reports into the store's directory; return the summary.
+
+    Streamed: jobs are read from the store one at a time and written as they come, one
+    JSON object per line of report.json, so a 100,000-job report costs little memory.
+    Only the gallery's cards (at most :data:`GALLERY_LIMIT` each of results and failures)
+    are held until the page is written.
+    """
+    summary = summarize(store, wall_s=wall_s, outcome=outcome, error=error)
     out = store.out_dir
-    _atomic_write(out / "report.json", json.dumps({"summary": summary, "jobs": jobs}, indent=1, ensure_ascii=False, default=str))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(jobs)
-    _atomic_write(out / "report.csv", buf.getvalue())
-    _atomic_write(out / "report.html", render_html(summary, jobs, store.meta("group_var") or None))
+    with (
+        _report_file(out / "report.json") as as_json,
+        _report_file(out / "report.csv") as as_csv,
+        _report_file(out / "report.html") as as_html,
+    ):
+        page = Gallery(summary, store.meta("group_var") or None)
+        writer = csv.DictWriter(as_csv, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        as_json.write('{"summary": ' + json.dumps(summary, ensure_ascii=False) + ',\n"jobs": [')
+        for n, row in enumerate(store.rows()):
+            job = _job_record(row)
+            as_json.write((",\n" if n else "\n") + json.dumps(job, ensure_ascii=False, default=str))
+            writer.writerow(job)
+            page.add(job)
+        as_json.write("\n]}\n")
+        as_html.write(page.render())
     return summary
 
 
@@ -103,60 +138,75 @@ def _href(path: str) -> str:
     return _e("/".join(quote(segment) for segment in path.split("/")))
 
 
-def render_html(summary: dict[str, Any], jobs: list[dict[str, Any]], group_var: str | None) -> str:
-    """The gallery page: summary, results grouped by ``group_var``, failures with reasons, filters."""
-    done = [j for j in jobs if j["state"] == "done" and j["path"]]
-    failed = [j for j in jobs if j["state"] == "failed"]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for job in done[:GALLERY_LIMIT]:
-        key = str(job["vars"].get(group_var, "—")) if group_var else "all results"
-        groups.setdefault(key, []).append(job)
-    credits = summary["credits"]
-    planned = " (some prices unknown)" if credits["planned"] is None else f" of {credits['planned']:g} planned"
-    counts = " · ".join(f"<b>{n}</b> {_e(state)}" for state, n in sorted(summary["counts"].items())) or "no jobs"
-    models = sorted({j["model"] for j in jobs})
-    options = "".join(f'<option value="{_e(m)}">{_e(m)}</option>' for m in models)
-    parts = [
-        "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        f"<title>{_e(summary['campaign'] or 'batchrunner')} — report</title>",
-        f"<style>{CSS}</style></head><body>",
-        f"<header><h1>{_e(summary['campaign'] or 'batchrunner')}</h1>",
-        f"<p class=counts>{counts}</p>",
-        f"<p>{summary['jobs']} jobs · outcome <b>{_e(summary['outcome'] or '—')}</b>"
-        f" · credits spent {credits['spent']:g}{planned}"
-        f" · wall time {_e(summary['wall_s'] if summary['wall_s'] is not None else '—')} s"
-        f" · ambiguous resubmits {summary['ambiguous_resubmitted']}</p>",
-        f"<p>models: {_e(', '.join(models))}</p>",
-        f'<p class=filters><label>model <select id=fmodel><option value="">all</option>{options}</select></label></p>',
-        "</header><main>",
-    ]
-    if summary.get("error"):
-        parts.append(f"<p class=error>run stopped: {_e(summary['error'])}</p>")
-    if len(done) > GALLERY_LIMIT:
-        parts.append(f"<p>showing the first {GALLERY_LIMIT} of {len(done)} results — report.csv lists them all</p>")
-    for key, members in groups.items():
-        parts.append(f"<section><h2>{_e(group_var or '')} {_e(key)} <small>({len(members)})</small></h2><div class=grid>")
-        for job in members:
-            params = ", ".join(f"{_e(k)}={_e(v)}" for k, v in job["parameters"].items())
-            parts.append(
-                f'<figure class=card data-model="{_e(job["model"])}">{_media(job)}<figcaption>'
-                f"<p class=prompt>{_e(job['prompt'])}</p><p><b>{_e(job['model'])}</b> {params}</p>"
-                f'<p class=path><a href="{_href(job["path"])}">{_e(job["path"])}</a></p></figcaption></figure>'
-            )
-        parts.append("</div></section>")
-    if failed:
-        parts.append("<section><h2>failed</h2><table><tr><th>job</th><th>model</th><th>prompt</th><th>reason</th></tr>")
-        for job in failed:
-            parts.append(
-                f'<tr class=card data-model="{_e(job["model"])}"><td>{_e(job["id"])}</td><td>{_e(job["model"])}</td>'
-                f"<td>{_e(job['prompt'])}</td><td>{_e(job['error'] or '')}</td></tr>"
-            )
-        parts.append("</table></section>")
-    pending = len(jobs) - len(done) - len(failed)
-    if pending:
-        parts.append(f"<p>{pending} jobs not finished yet — run the same command again to resume.</p>")
-    parts.append(f"</main><script>{SCRIPT}</script></body></html>")
-    return "\n".join(parts)
+class Gallery:
+    """The HTML page: summary, results grouped by ``group_var``, failures with reasons, a model filter."""
+
+    def __init__(self, summary: dict[str, Any], group_var: str | None) -> None:
+        self.summary, self.group_var = summary, group_var
+        self.groups: dict[str, list[dict[str, Any]]] = {}
+        self.failed: list[dict[str, Any]] = []
+        self.done = self.failures = 0
+
+    def add(self, job: dict[str, Any]) -> None:
+        if job["state"] == "done" and job["path"]:
+            self.done += 1
+            if self.done <= GALLERY_LIMIT:
+                key = str(job["vars"].get(self.group_var, "—")) if self.group_var else "all results"
+                self.groups.setdefault(key, []).append(job)
+        elif job["state"] == "failed":
+            self.failures += 1
+            if self.failures <= GALLERY_LIMIT:
+                self.failed.append(job)
+
+    def render(self) -> str:
+        summary, group_var = self.summary, self.group_var
+        credits = summary["credits"]
+        planned = " (some prices unknown)" if credits["planned"] is None else f" of {credits['planned']:g} planned"
+        counts = " · ".join(f"<b>{n}</b> {_e(state)}" for state, n in sorted(summary["counts"].items())) or "no jobs"
+        models = summary["models"]
+        options = "".join(f'<option value="{_e(m)}">{_e(m)}</option>' for m in models)
+        parts = [
+            "<!doctype html><html lang=en><head><meta charset=utf-8>",
+            f"<title>{_e(summary['campaign'] or 'batchrunner')} — report</title>",
+            f"<style>{CSS}</style></head><body>",
+            f"<header><h1>{_e(summary['campaign'] or 'batchrunner')}</h1>",
+            f"<p class=counts>{counts}</p>",
+            f"<p>{summary['jobs']} jobs · outcome <b>{_e(summary['outcome'] or '—')}</b>"
+            f" · credits spent {credits['spent']:g}{planned}"
+            f" · wall time {_e(summary['wall_s'] if summary['wall_s'] is not None else '—')} s"
+            f" · ambiguous resubmits {summary['ambiguous_resubmitted']}</p>",
+            f"<p>models: {_e(', '.join(models))}</p>",
+            f'<p class=filters><label>model <select id=fmodel><option value="">all</option>{options}</select></label></p>',
+            "</header><main>",
+        ]
+        if summary.get("error"):
+            parts.append(f"<p class=error>run stopped: {_e(summary['error'])}</p>")
+        if self.done > GALLERY_LIMIT:
+            parts.append(f"<p>showing the first {GALLERY_LIMIT} of {self.done} results — report.csv lists them all</p>")
+        for key, members in self.groups.items():
+            parts.append(f"<section><h2>{_e(group_var or '')} {_e(key)} <small>({len(members)})</small></h2><div class=grid>")
+            for job in members:
+                params = ", ".join(f"{_e(k)}={_e(v)}" for k, v in job["parameters"].items())
+                parts.append(
+                    f'<figure class=card data-model="{_e(job["model"])}">{_media(job)}<figcaption>'
+                    f"<p class=prompt>{_e(job['prompt'])}</p><p><b>{_e(job['model'])}</b> {params}</p>"
+                    f'<p class=path><a href="{_href(job["path"])}">{_e(job["path"])}</a></p></figcaption></figure>'
+                )
+            parts.append("</div></section>")
+        if self.failed:
+            more = f" (the first {GALLERY_LIMIT} of {self.failures}; report.csv lists them all)" if self.failures > GALLERY_LIMIT else ""
+            parts.append(f"<section><h2>failed{more}</h2><table><tr><th>job</th><th>model</th><th>prompt</th><th>reason</th></tr>")
+            for job in self.failed:
+                parts.append(
+                    f'<tr class=card data-model="{_e(job["model"])}"><td>{_e(job["id"])}</td><td>{_e(job["model"])}</td>'
+                    f"<td>{_e(job['prompt'])}</td><td>{_e(job['error'] or '')}</td></tr>"
+                )
+            parts.append("</table></section>")
+        pending = summary["jobs"] - self.done - self.failures
+        if pending:
+            parts.append(f"<p>{pending} jobs not finished yet — run the same command again to resume.</p>")
+        parts.append(f"</main><script>{SCRIPT}</script></body></html>")
+        return "\n".join(parts)
 
 
 CSS = """

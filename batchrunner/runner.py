@@ -19,7 +19,7 @@ import math
 import random
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,7 +184,7 @@ class Runner:
         self._polls = anyio.CapacityLimiter(config.poll_connections)
         self._scope: anyio.CancelScope | None = None
 
-    async def run(self, jobs: list[Job]) -> None:
+    async def run(self, jobs: Iterable[Job]) -> None:
         self._finisher = Finisher()
         try:
             async with anyio.create_task_group() as outer:

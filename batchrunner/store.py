@@ -26,7 +26,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -81,6 +81,7 @@ MIGRATIONS = (
         id INTEGER PRIMARY KEY, run_id INTEGER, job_id TEXT, at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT
     );
     """,
+    "CREATE INDEX jobs_by_idx ON jobs (idx);",  # the work list and the reports read jobs in manifest order, a page at a time
 )
 
 
@@ -212,41 +213,59 @@ class Store:
         return self.conn.execute("SELECT * FROM runs ORDER BY id").fetchall()
 
     # -- jobs -------------------------------------------------------------------------------
-    def sync(self, specs: list[JobSpec]) -> SyncResult:
-        """Insert new jobs; known jobs keep their state (and their finished file, moved if the path template changed)."""
+    def sync(self, specs: Iterable[JobSpec]) -> SyncResult:
+        """Insert new jobs; known jobs keep their state (and their finished file, moved if the path template changed).
+
+        The manifest's jobs go into a temporary table and are matched in SQL, so a resume of
+        100,000 jobs neither loads the stored ones nor decodes their specs.
+        """
         self.flush()
         now = self.clock()
-        before = dict(self.conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
-        known_paths = {r[0]: (r[1], r[2], r[3]) for r in self.conn.execute("SELECT id, state, spec, path FROM jobs")}
-        inserts, moves, known = [], [], dict.fromkeys(S, 0)
-        for spec in specs:
-            old = known_paths.get(spec.id)
-            if old is None:
-                inserts.append((spec.id, spec.index, spec.model, spec.modality, _spec_json(spec), spec.credits, now, now))
-                continue
-            known[S(old[0])] += 1
-            if json.loads(old[1])["path"] != spec.path:
-                moves.append((spec, old[0], old[2]))
         with self.conn:
             self.conn.execute("BEGIN")
+            self.conn.execute("CREATE TEMP TABLE incoming (id TEXT, idx INTEGER, model TEXT, modality TEXT, spec TEXT, credits REAL)")
             self.conn.executemany(
-                "INSERT INTO jobs (id, idx, model, modality, spec, credits, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)", inserts
+                "INSERT INTO incoming VALUES (?,?,?,?,?,?)", ((s.id, s.index, s.model, s.modality, _spec_json(s), s.credits) for s in specs)
             )
-            self.conn.execute("UPDATE jobs SET in_manifest = 0")
-            self.conn.executemany(
-                "UPDATE jobs SET in_manifest = 1, idx = ?, credits = ? WHERE id = ?", ((s.index, s.credits, s.id) for s in specs)
-            )
-            for spec, state, old_final in moves:
-                self._move(spec, state, old_final)
-        dropped = sum(before.values()) - sum(known.values())
-        return SyncResult(new=len(inserts), known={str(k): v for k, v in known.items() if v}, dropped=dropped)
+            known: dict[str, int] = {}
+            respec = replace = 0
+            for state, n, spec_differs, place_differs in self.conn.execute(
+                "SELECT j.state, count(*), sum(i.spec IS NOT j.spec), sum((j.in_manifest, j.idx, j.credits) IS NOT (1, i.idx, i.credits)) "
+                "FROM incoming i JOIN jobs j USING (id) GROUP BY j.state"
+            ).fetchall():
+                known[state], respec, replace = n, respec + spec_differs, replace + place_differs
+            stored, incoming = (self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("jobs", "incoming"))
+            new, dropped = incoming - sum(known.values()), stored - sum(known.values())
+            # the common resume changes nothing: each statement below runs only when it has work
+            changed = []
+            if respec:
+                changed = self.conn.execute(
+                    "SELECT i.id, i.spec, j.state, j.path FROM jobs j JOIN incoming i USING (id) WHERE i.spec != j.spec"
+                ).fetchall()
+            if new:
+                self.conn.execute(
+                    "INSERT INTO jobs (id, idx, model, modality, spec, credits, created_at, updated_at) "
+                    "SELECT id, idx, model, modality, spec, credits, ?, ? FROM incoming WHERE id NOT IN (SELECT id FROM jobs)",
+                    (now, now),
+                )
+            if dropped:
+                self.conn.execute("UPDATE jobs SET in_manifest = 0 WHERE in_manifest = 1 AND id NOT IN (SELECT id FROM incoming)")
+            if replace:
+                self.conn.execute(
+                    "UPDATE jobs SET in_manifest = 1, idx = i.idx, credits = i.credits FROM incoming i "
+                    "WHERE jobs.id = i.id AND (jobs.in_manifest, jobs.idx, jobs.credits) IS NOT (1, i.idx, i.credits)"
+                )
+            for job_id, spec, state, old_final in changed:
+                self._move(job_id, spec, state, old_final)
+            self.conn.execute("DROP TABLE incoming")
+        return SyncResult(new=new, known={str(k): v for k, v in known.items() if v}, dropped=dropped)
 
-    def _move(self, spec: JobSpec, state: str, old_final: str | None) -> None:
-        """The path template changed for a known job: follow it, moving a finished file instead of paying again."""
+    def _move(self, job_id: str, spec: str, state: str, old_final: str | None) -> None:
+        """A known job's spec changed (its path template, or vars): follow it, moving a finished file instead of paying again."""
         new_final = None
         if state == S.DONE and old_final:
             ext = Path(old_final).suffix.lstrip(".")
-            new_final = spec.path.replace("{ext}", ext)
+            new_final = str(json.loads(spec)["path"]).replace("{ext}", ext)
             src, dst = self.out_dir / old_final, self.out_dir / new_final
             if src.exists() and src != dst:
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +273,7 @@ class Store:
                 sidecar = src.with_name(src.name + ".json")
                 if sidecar.exists():
                     os.replace(sidecar, dst.with_name(dst.name + ".json"))
-        self.conn.execute("UPDATE jobs SET spec = ?, path = coalesce(?, path) WHERE id = ?", (_spec_json(spec), new_final, spec.id))
+        self.conn.execute("UPDATE jobs SET spec = ?, path = coalesce(?, path) WHERE id = ?", (spec, new_final, job_id))
 
     def recover(self) -> dict[str, int]:
         """After a crash: a job caught mid-submit is ambiguous (resubmitted, counted); mid-download is re-polled."""
@@ -271,10 +290,11 @@ class Store:
                 ((self.run_id, i, now, "a submit was in progress when the last run stopped; resubmitting") for i in ids),
             )
             cur = self.conn.execute("UPDATE jobs SET state = 'submitted', updated_at = ? WHERE state = 'downloading'", (now,))
+            base = f"{self.out_dir}{os.sep}"
             missing = [
                 r[0]
                 for r in self.conn.execute("SELECT id, path FROM jobs WHERE state = 'done' AND in_manifest = 1")
-                if not (self.out_dir / r[1]).is_file()
+                if not os.path.isfile(base + r[1])
             ]
             self.conn.executemany("UPDATE jobs SET state = 'pending', path = NULL, sha256 = NULL WHERE id = ?", ((i,) for i in missing))
         return {"ambiguous": len(ids), "downloads_restarted": cur.rowcount, "files_missing": len(missing)}
@@ -295,17 +315,22 @@ class Store:
         )
         return cur.rowcount
 
-    def work(self) -> list[Job]:
-        """Jobs to work on, already-submitted first (their results are waiting), then in manifest order."""
-        rows = self.conn.execute(
-            "SELECT id, model, modality, spec, state, task_id, credits, submitted_at FROM jobs "
-            "WHERE in_manifest = 1 AND state IN ('pending', 'submitted') ORDER BY state = 'pending', idx"
-        )
-        jobs = []
-        for r in rows:
-            spec = json.loads(r[3])
-            jobs.append(Job(r[0], r[1], r[2], spec["body"], spec["path"], spec["vars"], S(r[4]), r[5], r[6], r[7]))
-        return jobs
+    def work(self, page: int = 1000) -> Iterator[Job]:
+        """Jobs to work on, already-submitted first (their results are waiting), then pending ones, in manifest order.
+
+        Read ``page`` rows at a time, so a campaign's jobs are never all in memory at once.
+        """
+        for state in (S.SUBMITTED, S.PENDING):
+            after = -1
+            while rows := self.conn.execute(
+                "SELECT id, model, modality, spec, state, task_id, credits, submitted_at, idx FROM jobs "
+                "WHERE in_manifest = 1 AND state = ? AND idx > ? ORDER BY idx LIMIT ?",
+                (str(state), after, page),
+            ).fetchall():
+                for r in rows:
+                    spec = json.loads(r[3])
+                    yield Job(r[0], r[1], r[2], spec["body"], spec["path"], spec["vars"], S(r[4]), r[5], r[6], r[7])
+                after = rows[-1][8]
 
     def transition(self, job: Job, to: JobState, *, event: str | None = None, **fields: Any) -> None:
         """Move ``job`` to ``to`` (setting ``fields``) in the open batch; refuses a move :data:`TRANSITIONS` does not allow.
@@ -378,13 +403,14 @@ class Store:
             "SELECT model, duration_s FROM jobs WHERE state = 'done' AND duration_s > 0 ORDER BY finished_at DESC LIMIT 5000"
         ).fetchall()
 
-    def rows(self, *, states: Iterable[str] | None = None) -> list[sqlite3.Row]:
+    def rows(self, *, states: Iterable[str] | None = None) -> Iterator[sqlite3.Row]:
+        """The campaign's job rows in manifest order, streamed from SQLite."""
         sql = "SELECT * FROM jobs WHERE in_manifest = 1"
         params: tuple[str, ...] = ()
         if states is not None:
             params = tuple(states)
             sql += f" AND state IN ({','.join('?' * len(params))})"
-        return self.conn.execute(sql + " ORDER BY idx", params).fetchall()
+        return iter(self.conn.execute(sql + " ORDER BY idx", params))
 
 
 def peek(out_dir: Path) -> tuple[set[str], float]:
@@ -408,7 +434,8 @@ def peek(out_dir: Path) -> tuple[set[str], float]:
 _SET_EXPR = {"submits": "submits + ?", "attempts": "attempts + ?", "credits_spent": "credits_spent + ?", "ambiguous": "ambiguous + ?"}
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def _spec_json(spec: JobSpec) -> str:
-    return json.dumps(
-        {"body": spec.body, "path": spec.path, "variant": spec.variant, "vars": spec.vars}, separators=(",", ":"), default=str
-    )
+    return _COMPACT({"body": spec.body, "path": spec.path, "variant": spec.variant, "vars": spec.vars})
