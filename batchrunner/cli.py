@@ -259,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     print(f"{campaign}: {sum(counts.values())} jobs in {args.dir} ({len(runs)} runs)")
-    for state in ("done", "failed", "submitted", "downloading", "submitting", "pending"):
+    for state in ("done", "failed", "submitted", "submitting", "pending"):
         if counts.get(state):
             print(f"  {state:<12} {counts[state]}")
     print(f"  credits spent {totals['credits_spent']:g}; ambiguous resubmits {totals['ambiguous_resubmitted']}")

@@ -24,8 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_QUERY_KEY = re.compile(r"(apiKey=)[^&\s\"'<>]*", re.IGNORECASE)
-_BEARER = re.compile(r"(Bearer\s+)[^\s\"',]+", re.IGNORECASE)
+_KEY_SHAPES = re.compile(r"(apiKey=)[^&\s\"'<>]*|(Bearer\s+)[^\s\"',]+", re.IGNORECASE)
 _secrets: set[str] = set()
 
 
@@ -37,8 +36,8 @@ def register_secret(secret: str) -> None:
 
 def redact(text: str) -> str:
     """Return ``text`` with every API key removed: ``apiKey=`` query values, Bearer tokens and known secrets."""
-    text = _QUERY_KEY.sub(r"\1REDACTED", text)
-    text = _BEARER.sub(r"\1REDACTED", text)
+    if _KEY_SHAPES.search(text):
+        text = _KEY_SHAPES.sub(lambda m: (m[1] or m[2]) + "REDACTED", text)
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "REDACTED")

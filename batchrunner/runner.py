@@ -319,7 +319,6 @@ class Runner:
                     if isinstance(answer, Failed):
                         self._fail(job, f"the API failed the task: {answer.reason}", NOT_RETRYABLE)
                         return
-                    self.store.transition(job, JobState.DOWNLOADING)
                     sidecar = {
                         "job_id": job.id, "model": job.model, "prompt": str(model_fields(job.body).get("prompt", "")),
                         "request": job.body, "vars": job.vars,
@@ -330,8 +329,6 @@ class Runner:
                 self.pacer.rate_limited(exc.retry_after_s, 1.0)
                 continue
             except TransientApiError as exc:
-                if job.state == JobState.DOWNLOADING:
-                    self.store.transition(job, JobState.SUBMITTED, event=exc.message)
                 errors += 1
                 if errors > self.config.retries:
                     raise

@@ -46,7 +46,6 @@ class JobState(StrEnum):
     PENDING = "pending"
     SUBMITTING = "submitting"
     SUBMITTED = "submitted"
-    DOWNLOADING = "downloading"
     DONE = "done"
     FAILED = "failed"
 
@@ -55,11 +54,10 @@ S = JobState
 # target state -> the states it may be entered from
 TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
     S.SUBMITTING: (S.PENDING,),
-    S.SUBMITTED: (S.SUBMITTING, S.DOWNLOADING, S.FAILED),  # a download to fetch again; a retry that re-polls its task
-    S.DOWNLOADING: (S.SUBMITTED,),
-    S.DONE: (S.DOWNLOADING,),
+    S.SUBMITTED: (S.SUBMITTING, S.FAILED),  # a retry that re-polls its task
+    S.DONE: (S.SUBMITTED,),  # the result file is in place (a download cut short leaves the job submitted)
     S.PENDING: (S.SUBMITTING, S.SUBMITTED, S.FAILED, S.DONE),  # not sent / task lost / retry / file gone
-    S.FAILED: (S.PENDING, S.SUBMITTING, S.SUBMITTED, S.DOWNLOADING),
+    S.FAILED: (S.PENDING, S.SUBMITTING, S.SUBMITTED),
 }
 
 MIGRATIONS = (
@@ -276,7 +274,10 @@ class Store:
         self.conn.execute("UPDATE jobs SET spec = ?, path = coalesce(?, path) WHERE id = ?", (spec, new_final, job_id))
 
     def recover(self) -> dict[str, int]:
-        """After a crash: a job caught mid-submit is ambiguous (resubmitted, counted); mid-download is re-polled."""
+        """After a crash: a job caught mid-submit is ambiguous (resubmitted, counted); a done job whose file is gone runs again.
+
+        (A job caught mid-download is still ``submitted``: it is simply polled and fetched again.)
+        """
         self.flush()
         now = self.clock()
         with self.conn:
@@ -289,7 +290,6 @@ class Store:
                 "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, 'ambiguous', ?)",
                 ((self.run_id, i, now, "a submit was in progress when the last run stopped; resubmitting") for i in ids),
             )
-            cur = self.conn.execute("UPDATE jobs SET state = 'submitted', updated_at = ? WHERE state = 'downloading'", (now,))
             base = f"{self.out_dir}{os.sep}"
             missing = [
                 r[0]
@@ -297,7 +297,7 @@ class Store:
                 if not os.path.isfile(base + r[1])
             ]
             self.conn.executemany("UPDATE jobs SET state = 'pending', path = NULL, sha256 = NULL WHERE id = ?", ((i,) for i in missing))
-        return {"ambiguous": len(ids), "downloads_restarted": cur.rowcount, "files_missing": len(missing)}
+        return {"ambiguous": len(ids), "files_missing": len(missing)}
 
     def reset_failed(self, *, retryable_only: bool) -> int:
         """Failed jobs back to work: the retryable ones on every run, all of them on ``retry``.
