@@ -10,6 +10,7 @@ and leaves nothing behind. A sidecar ``<file>.json`` records where the file came
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -80,8 +81,9 @@ def _finish_batch(items: list[tuple[Path, bytes | None, Path, str]]) -> list[Exc
     """Put finished results in place: write every buffered temp file, fsync each, then rename each and write its sidecar.
 
     Writing the whole batch before the first fsync lets the file system commit the batch's
-    new files together instead of one journal commit per file. An item that fails leaves
-    no temp file and does not stop the others.
+    new files together instead of one journal commit per file, and asking for all of their
+    writeback at once (``POSIX_FADV_DONTNEED``, as databases do) makes the disk work on
+    them together. An item that fails leaves no temp file and does not stop the others.
     """
     errors: list[Exception | None] = [None] * len(items)
     fds: dict[int, int] = {}
@@ -95,6 +97,10 @@ def _finish_batch(items: list[tuple[Path, bytes | None, Path, str]]) -> list[Exc
                     view = view[os.write(fd, view) :]
             except OSError as exc:
                 errors[i] = exc
+    if hasattr(os, "posix_fadvise"):  # start every file's writeback now, so the fdatasyncs below overlap instead of queueing
+        for fd in fds.values():
+            with contextlib.suppress(OSError):  # only a hint
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     for i, fd in fds.items():
         try:
             if errors[i] is None:
