@@ -1,11 +1,12 @@
 """Throughput: batchrunner's real engine against a minimal raw aiohttp loop, on one sandbox.
 
-    python benchmarks/throughput.py [--jobs 10000] [--concurrency 64]
+    python benchmarks/throughput.py [--jobs 10000] [--concurrency 64] [--rounds 3]
 
 The sandbox runs in its own process with zero simulated duration. (a) the baseline submits,
 polls and downloads every job with plain aiohttp and writes each file, keeping no state;
 (b) batchrunner runs the same number of jobs with its SQLite store, atomic fsynced files
-and sidecars. Prints both rates and their ratio; the last line is one JSON object.
+and sidecars. The two alternate ``--rounds`` times (a disk's background writeback makes
+single runs noisy); prints both median rates and their ratio; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -72,23 +74,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="baseline and engine alternate this many times; medians are reported")
     args = parser.parse_args()
+    base_rates, run_rates = [], []
     with tempfile.TemporaryDirectory() as tmp, sandbox_process("--key", KEY, "--time-scale", "0") as url:
         folder = Path(tmp)
         manifest = write_manifest(folder, args.jobs)
         bodies = [s.body for s in plan_for(manifest, args.jobs).specs]
-        (folder / "raw").mkdir()
-        base_s = asyncio.run(baseline(url, bodies, args.concurrency, folder / "raw"))
-        run_s = asyncio.run(engine(url, manifest, args.jobs, args.concurrency, folder / "run"))
-    base_rate, run_rate = args.jobs / base_s, args.jobs / run_s
-    print(f"baseline (raw aiohttp, no state): {args.jobs} jobs in {base_s:.2f} s = {base_rate:.0f} jobs/s")
-    print(f"batchrunner (SQLite, atomic files): {args.jobs} jobs in {run_s:.2f} s = {run_rate:.0f} jobs/s")
+        for n in range(args.rounds):
+            (folder / f"raw{n}").mkdir()
+            base_rates.append(args.jobs / asyncio.run(baseline(url, bodies, args.concurrency, folder / f"raw{n}")))
+            run_rates.append(args.jobs / asyncio.run(engine(url, manifest, args.jobs, args.concurrency, folder / f"run{n}")))
+            print(f"round {n + 1}: baseline {base_rates[-1]:.0f} jobs/s, batchrunner {run_rates[-1]:.0f} jobs/s", flush=True)
+    base_rate, run_rate = statistics.median(base_rates), statistics.median(run_rates)
+    print(f"baseline (raw aiohttp, no state): {args.jobs} jobs, median {base_rate:.0f} jobs/s")
+    print(f"batchrunner (SQLite, atomic files): {args.jobs} jobs, median {run_rate:.0f} jobs/s")
     print(f"ratio runner/baseline: {run_rate / base_rate:.2f}")
     print(
         json.dumps(
             {
                 "jobs": args.jobs,
                 "concurrency": args.concurrency,
+                "rounds": args.rounds,
                 "jobs_per_s": round(run_rate, 1),
                 "baseline_jobs_per_s": round(base_rate, 1),
                 "ratio": round(run_rate / base_rate, 3),

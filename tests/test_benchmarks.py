@@ -14,7 +14,7 @@ from .conftest import ROOT
 @pytest.mark.parametrize(
     "argv",
     [
-        ["throughput.py", "--jobs", "60", "--concurrency", "8"],
+        ["throughput.py", "--jobs", "60", "--concurrency", "8", "--rounds", "1"],
         ["scale.py", "--jobs", "100"],
         ["polling.py", "--jobs", "24", "--concurrency", "8", "--time-scale", "0.01"],
     ],
