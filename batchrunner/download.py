@@ -117,7 +117,8 @@ def _finish_batch(items: list[tuple[Path, bytes | None, Path, str]]) -> list[Exc
         except OSError as exc:
             errors[i] = exc
         if errors[i] is not None:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return errors
 
 
@@ -157,7 +158,10 @@ class Finisher:
                 done = True
             items = [item for item in batch if item is not None]
             if items:
-                errors = _finish_batch([work for work, _ in items])
+                try:
+                    errors = _finish_batch([work for work, _ in items])
+                except Exception as exc:  # a bug here must fail the jobs, not leave them waiting forever
+                    errors = [exc] * len(items)
                 self._loop.call_soon_threadsafe(_settle, [(future, error) for (_, future), error in zip(items, errors, strict=True)])
 
 

@@ -83,18 +83,18 @@ def backoff(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) ->
     return rng.uniform(0.0, min(cap_s, base_s * 2.0**attempt))
 
 
-def poll_delay(polls: int, *, expected_s: float, elapsed_s: float, cap_s: float, rng: random.Random, ratio: float = 1.2) -> float:
+def poll_delay(polls: int, *, expected_s: float, elapsed_s: float, cap_s: float, rng: random.Random, ratio: float = 1.15) -> float:
     """Seconds until the next status call of a job submitted ``elapsed_s`` ago.
 
     The first call lands at the expected finish. After that the calls follow a geometric
-    schedule, each ``ratio`` times later than the job's age, so a result is noticed at most
-    about ``ratio - 1`` of its duration late whatever the duration, in few calls; jittered
-    (full jitter over the step's upper half) so polls of jobs submitted together spread out.
+    schedule, each at most ``ratio`` times the job's age, so a result is noticed at most
+    ``ratio - 1`` of its duration late whatever the duration, in few calls; jittered over
+    the step's top fifth so polls of jobs submitted together spread out.
     """
     if polls == 0 and elapsed_s < expected_s:
         return expected_s - elapsed_s
     step = min(cap_s, max(0.02 * expected_s, (ratio - 1.0) * elapsed_s))
-    return rng.uniform(step / 2, step)
+    return rng.uniform(0.8 * step, step)
 
 
 class Durations:
@@ -103,10 +103,12 @@ class Durations:
     A job's duration is known only between its last "processing" answer and its first
     "done" one: the estimate is their midpoint (a first poll that already finds the job done
     gives the interval's upper half, so a first poll that comes too late moves earlier).
-    The first poll aims at the ``quantile`` of recent estimates.
+    The first poll aims at the ``quantile`` of recent estimates. Until a model has three,
+    its modality's default is only a guess: the first poll comes at half of it, and the
+    geometric schedule finds the finish from there rather than oversleeping it.
     """
 
-    def __init__(self, defaults: dict[str, float], history: Any = (), quantile: float = 0.25) -> None:
+    def __init__(self, defaults: dict[str, float], history: Any = (), quantile: float = 0.3) -> None:
         self.defaults = defaults
         self.quantile = quantile
         self.samples: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=256))
@@ -126,7 +128,7 @@ class Durations:
                 ordered = sorted(seen)
                 hit = ordered[int(self.quantile * (len(ordered) - 1))]
             else:
-                hit = self.defaults.get(modality, self.defaults["unknown"])
+                hit = 0.5 * self.defaults.get(modality, self.defaults["unknown"])
             self._cache[model] = hit
         return hit
 

@@ -1,0 +1,99 @@
+"""The engine's parts on their own: group commit, the file finisher, the poll schedule (real SQLite, real files)."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import anyio
+
+from batchrunner.download import Finisher
+from batchrunner.runner import Durations, poll_delay
+from batchrunner.store import JobState, Store
+
+from .test_run import ROOT, plan_of
+
+
+def committed_states(out: Path) -> dict[str, int]:
+    """What another process (``batchrunner status``) sees: committed rows only."""
+    conn = sqlite3.connect(out / ".batchrunner" / "state.sqlite")
+    try:
+        return dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+    finally:
+        conn.close()
+
+
+async def test_one_commit_serves_every_job_that_asks_together(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    store.sync(plan_of(ROOT / "manifests/demo.yaml").specs)
+    statements: list[str] = []
+    store.conn.set_trace_callback(statements.append)
+    jobs = list(store.work())
+
+    async def submit(job):  # type: ignore[no-untyped-def]
+        store.transition(job, JobState.SUBMITTING)
+        assert committed_states(tmp_path).get("submitting", 0) < len(jobs)  # not on disk before durable()
+        await store.durable()
+        assert committed_states(tmp_path).get("submitting", 0) == len(jobs)  # on disk for everyone after
+
+    async with anyio.create_task_group() as tg:
+        for job in jobs:
+            tg.start_soon(submit, job)
+    assert len(jobs) == 18 and statements.count("COMMIT") == 1
+    store.close()
+
+
+async def test_transitions_nobody_waits_for_are_committed_by_close(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    store.sync(plan_of(ROOT / "manifests/demo.csv").specs)
+    for job in store.work():
+        store.transition(job, JobState.SUBMITTING)
+    assert committed_states(tmp_path) == {"pending": 4}
+    store.close()
+    assert committed_states(tmp_path) == {"submitting": 4}
+
+
+async def test_finisher_puts_files_in_place_and_one_failure_spoils_nothing_else(tmp_path: Path) -> None:
+    (tmp_path / "blocked").write_text("a file where a folder should be")
+    work = [
+        (tmp_path / f"d{n}" / f".f{n}.tmp", f"bytes {n}".encode(), tmp_path / f"d{n}" / f"f{n}.png", f'{{"n": {n}}}\n') for n in range(5)
+    ]
+    work.append((tmp_path / "blocked" / ".x.tmp", b"never", tmp_path / "blocked" / "x.png", "{}\n"))
+    finisher = Finisher()
+    outcomes = []
+
+    async def finish(item):  # type: ignore[no-untyped-def]
+        try:
+            await finisher.finish(*item)
+            outcomes.append("ok")
+        except OSError:
+            outcomes.append("error")
+
+    async with anyio.create_task_group() as tg:
+        for item in work:
+            tg.start_soon(finish, item)
+    finisher.close()
+    assert sorted(outcomes) == ["error"] + ["ok"] * 5
+    for n in range(5):
+        assert (tmp_path / f"d{n}" / f"f{n}.png").read_bytes() == f"bytes {n}".encode()
+        assert (tmp_path / f"d{n}" / f"f{n}.png.json").read_text() == f'{{"n": {n}}}\n'
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_poll_schedule_first_at_expected_then_at_most_15_percent_of_age() -> None:
+    rng = random.Random(7)
+    assert poll_delay(0, expected_s=10.0, elapsed_s=0.0, cap_s=60.0, rng=rng) == 10.0
+    for age in (10.0, 40.0, 100.0):
+        steps = [poll_delay(3, expected_s=10.0, elapsed_s=age, cap_s=60.0, rng=rng) for _ in range(200)]
+        assert 0.8 * 0.15 * age <= min(steps) and max(steps) <= 0.15 * age + 1e-9
+    assert poll_delay(3, expected_s=10.0, elapsed_s=10_000.0, cap_s=60.0, rng=rng) <= 60.0
+
+
+def test_durations_poll_unlearned_models_early_and_learned_ones_at_their_30th_percentile() -> None:
+    durations = Durations({"image": 10.0, "unknown": 30.0})
+    assert durations.expected("flux-2", "image") == 5.0
+    for seconds in (8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0):
+        durations.observe("flux-2", seconds)
+    assert durations.expected("flux-2", "image") == 11.0
+    assert Durations({"unknown": 30.0}, history=[("m", 4.0), ("m", 2.0), ("m", 3.0)]).expected("m", "video") == 2.0
