@@ -247,7 +247,11 @@ class Runner:
                 return False
             await self.pacer.generate_slot()
             self.store.transition(job, JobState.SUBMITTING)
-            await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
+            try:
+                await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
+            except anyio.get_cancelled_exc_class():
+                self.store.transition(job, JobState.PENDING)  # stopped before sending: not ambiguous
+                raise
             with anyio.CancelScope(shield=True):  # a sent POST's task id is always recorded
                 try:
                     task_id = await self.client.generate(job.body)
