@@ -83,29 +83,29 @@ def backoff(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) ->
     return rng.uniform(0.0, min(cap_s, base_s * 2.0**attempt))
 
 
-def poll_delay(polls: int, *, expected_s: float, elapsed_s: float, cap_s: float, rng: random.Random, ratio: float = 1.15) -> float:
+def poll_delay(polls: int, *, first_s: float, elapsed_s: float, cap_s: float, rng: random.Random, ratio: float = 1.15) -> float:
     """Seconds until the next status call of a job submitted ``elapsed_s`` ago.
 
-    The first call lands at the expected finish. After that the calls follow a geometric
-    schedule, each at most ``ratio`` times the job's age, so a result is noticed at most
-    ``ratio - 1`` of its duration late whatever the duration, in few calls; jittered over
-    the step's top fifth so polls of jobs submitted together spread out.
+    The first call lands at ``first_s`` (see :meth:`Durations.first_poll`). After that the
+    calls follow a geometric schedule, each at most ``ratio`` times the job's age, so a
+    result is noticed at most ``ratio - 1`` of its duration late whatever the duration, in
+    few calls; jittered over the step's top fifth so jobs submitted together spread out.
     """
-    if polls == 0 and elapsed_s < expected_s:
-        return expected_s - elapsed_s
-    step = min(cap_s, max(0.02 * expected_s, (ratio - 1.0) * elapsed_s))
+    if polls == 0 and elapsed_s < first_s:
+        return first_s - elapsed_s
+    step = min(cap_s, max(0.02 * first_s, (ratio - 1.0) * elapsed_s))
     return rng.uniform(0.8 * step, step)
 
 
 class Durations:
-    """Typical submit-to-result durations per model, learned from finished jobs.
+    """Typical submit-to-result durations per model, learned from finished jobs; they time the first poll.
 
     A job's duration is known only between its last "processing" answer and its first
-    "done" one: the estimate is their midpoint (a first poll that already finds the job done
-    gives the interval's upper half, so a first poll that comes too late moves earlier).
-    The first poll aims at the ``quantile`` of recent estimates. Until a model has three,
-    its modality's default is only a guess: the first poll comes at half of it, and the
-    geometric schedule finds the finish from there rather than oversleeping it.
+    "done" one: the estimate is their midpoint. A job already done at its first poll
+    finished before it, most likely just before it (the first poll aims early): its
+    estimate is the midpoint of the wait's last fifth — low enough that a first poll that
+    comes too late moves earlier, not so low that a campaign re-run many times in the same
+    directory drifts towards ever earlier polls.
     """
 
     def __init__(self, defaults: dict[str, float], history: Any = (), quantile: float = 0.3) -> None:
@@ -116,11 +116,22 @@ class Durations:
         for model, seconds in history:
             self.samples[model].append(seconds)
 
+    @staticmethod
+    def estimate(processing_at: float | None, done_at: float) -> float:
+        """A finished job's duration from its last "processing" answer (None: there was none) and its first "done" one."""
+        return ((processing_at if processing_at is not None else 0.8 * done_at) + done_at) / 2
+
     def observe(self, model: str, seconds: float) -> None:
         self.samples[model].append(seconds)
         self._cache.pop(model, None)
 
-    def expected(self, model: str, modality: str) -> float:
+    def first_poll(self, model: str, modality: str) -> float:
+        """Seconds after submitting to ask first: the ``quantile`` of the model's recent durations.
+
+        Until a model has been seen three times its modality's default is only a guess: the
+        first call comes at half of it, and the geometric schedule finds the finish from
+        there rather than oversleeping it.
+        """
         hit = self._cache.get(model)
         if hit is None:
             seen = self.samples.get(model)
@@ -303,14 +314,14 @@ class Runner:
         """
         assert job.task_id is not None
         submitted = job.submitted_at or self.clock()
-        expected = self.durations.expected(job.model, job.modality)
+        first = self.durations.first_poll(job.model, job.modality)
         polls = errors = 0
         processing_at: float | None = None
         while True:
             elapsed = self.clock() - submitted
             if elapsed > self.config.job_deadline_s:
                 raise TransientApiError(f"no result {elapsed:.0f} s after submitting (deadline {self.config.job_deadline_s:g} s)")
-            await self.sleep(poll_delay(polls, expected_s=expected, elapsed_s=elapsed, cap_s=self.config.poll_cap_s, rng=self.rng))
+            await self.sleep(poll_delay(polls, first_s=first, elapsed_s=elapsed, cap_s=self.config.poll_cap_s, rng=self.rng))
             await self.pacer.cooldown()
             try:
                 async with self._polls, self.client.download(job.task_id) as answer:
@@ -320,7 +331,7 @@ class Runner:
                         processing_at = age
                         continue
                     if job.duration_s is None:  # learn when jobs of this model finish
-                        job.duration_s = ((processing_at if processing_at is not None else age / 2) + age) / 2
+                        job.duration_s = Durations.estimate(processing_at, age)
                         self.durations.observe(job.model, job.duration_s)
                     if isinstance(answer, Failed):
                         self._fail(job, f"the API failed the task: {answer.reason}", NOT_RETRYABLE)

@@ -81,19 +81,20 @@ async def test_finisher_puts_files_in_place_and_one_failure_spoils_nothing_else(
     assert not [p for p in tmp_path.rglob("*.tmp")]
 
 
-def test_poll_schedule_first_at_expected_then_at_most_15_percent_of_age() -> None:
+def test_poll_schedule_first_when_told_then_at_most_15_percent_of_age() -> None:
     rng = random.Random(7)
-    assert poll_delay(0, expected_s=10.0, elapsed_s=0.0, cap_s=60.0, rng=rng) == 10.0
+    assert poll_delay(0, first_s=10.0, elapsed_s=0.0, cap_s=60.0, rng=rng) == 10.0
     for age in (10.0, 40.0, 100.0):
-        steps = [poll_delay(3, expected_s=10.0, elapsed_s=age, cap_s=60.0, rng=rng) for _ in range(200)]
+        steps = [poll_delay(3, first_s=10.0, elapsed_s=age, cap_s=60.0, rng=rng) for _ in range(200)]
         assert 0.8 * 0.15 * age <= min(steps) and max(steps) <= 0.15 * age + 1e-9
-    assert poll_delay(3, expected_s=10.0, elapsed_s=10_000.0, cap_s=60.0, rng=rng) <= 60.0
+    assert poll_delay(3, first_s=10.0, elapsed_s=10_000.0, cap_s=60.0, rng=rng) <= 60.0
 
 
-def test_durations_poll_unlearned_models_early_and_learned_ones_at_their_30th_percentile() -> None:
+def test_first_poll_at_half_the_default_until_learned_then_at_the_30th_percentile() -> None:
     durations = Durations({"image": 10.0, "unknown": 30.0})
-    assert durations.expected("flux-2", "image") == 5.0
-    for seconds in (8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0):
-        durations.observe("flux-2", seconds)
-    assert durations.expected("flux-2", "image") == 11.0
-    assert Durations({"unknown": 30.0}, history=[("m", 4.0), ("m", 2.0), ("m", 3.0)]).expected("m", "video") == 2.0
+    assert durations.first_poll("flux-2", "image") == 5.0
+    for seconds in range(100, 111):
+        durations.observe("flux-2", float(seconds))
+    assert durations.first_poll("flux-2", "image") == 103.0
+    assert Durations({"unknown": 30.0}, history=[("m", 4.0), ("m", 2.0), ("m", 3.0)]).first_poll("m", "video") == 2.0
+    assert Durations.estimate(8.0, 10.0) == 9.0 and Durations.estimate(None, 10.0) == 9.0
