@@ -4,8 +4,9 @@ One anyio task group per run. At most ``concurrency`` jobs are alive at once (a 
 its slot from submit to downloaded file), so 100,000 pending jobs are 100,000 rows, not
 100,000 coroutines. Generate requests share one :class:`Pacer` (requests per second, and an
 account-wide cool-down when any request gets a 429). Status polls are few: the first one is
-timed for when the job is expected to finish — learned per model from finished jobs — and
-later ones back off with capped jitter, through a bounded number of poll connections.
+timed from the durations learned per model from finished jobs, later ones follow the job's
+age geometrically, through a bounded number of poll connections. Finished files are put in
+place by one :class:`~batchrunner.download.Finisher` thread, many at a time.
 
 Every transition is committed before the network call that depends on it; the generate
 POST and the write of its task id are shielded from cancellation, so Ctrl-C never strands a
@@ -211,6 +212,11 @@ class Runner:
                             break
                         tg.start_soon(self._job, job)
                 outer.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # a job's own error (the state file cannot be written…): plainly, not as a group
+            first = _first_error(group)
+            if isinstance(first, BatchRunnerError):
+                raise first from None
+            raise
         finally:
             self._finisher.close()
 
@@ -358,6 +364,11 @@ class Runner:
             job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now, duration_s=job.duration_s
         )
         self.on_event("done", job, fetched.path)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def check_budget(plan: Plan, max_credits: float | None, out_dir: Path) -> None:

@@ -80,7 +80,9 @@ MIGRATIONS = (
         id INTEGER PRIMARY KEY, run_id INTEGER, job_id TEXT, at REAL NOT NULL, kind TEXT NOT NULL, detail TEXT
     );
     """,
-    "CREATE INDEX jobs_by_idx ON jobs (idx);",  # the work list and the reports read jobs in manifest order, a page at a time
+    # 2: the work list and the reports read jobs in manifest order, a page at a time; the
+    # 'downloading' state is gone (a job caught mid-download was always polled again)
+    "CREATE INDEX jobs_by_idx ON jobs (idx); UPDATE jobs SET state = 'submitted' WHERE state = 'downloading';",
 )
 
 
@@ -343,17 +345,22 @@ class Store:
         values: list[Any] = [str(to), now, *(redact(v) if isinstance(v, str) else v for v in fields.values())]
         allowed = TRANSITIONS[to]
         sql = f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({','.join('?' * len(allowed))})"
-        if not self.conn.in_transaction:
-            self.conn.execute("BEGIN")
-            self._batch_at = time.monotonic()
-        changed = self.conn.execute(sql, (*values, job.id, *map(str, allowed))).rowcount
+        if self._broken is not None:
+            raise self._broken
+        try:
+            if not self.conn.in_transaction:
+                self.conn.execute("BEGIN")
+                self._batch_at = time.monotonic()
+            changed = self.conn.execute(sql, (*values, job.id, *map(str, allowed))).rowcount
+            if changed == 1 and event is not None:
+                self.conn.execute(
+                    "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
+                    (self.run_id, job.id, now, str(to), redact(event)),
+                )
+        except sqlite3.Error as exc:
+            raise self._write_failed(exc) from exc
         if changed != 1:
             raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
-        if event is not None:
-            self.conn.execute(
-                "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
-                (self.run_id, job.id, now, str(to), redact(event)),
-            )
         job.state = to
         if time.monotonic() - self._batch_at >= FLUSH_S:
             self.flush()
@@ -366,8 +373,15 @@ class Store:
             try:
                 self.conn.commit()
             except sqlite3.Error as exc:
-                self._broken = StateError(f"cannot write the state file {self.out_dir / STATE_DIR}: {exc} — fix that, then run again")
-                raise self._broken from exc
+                raise self._write_failed(exc) from exc
+
+    def _write_failed(self, exc: sqlite3.Error) -> StateError:
+        """A write to the state file failed (disk full, I/O error): refuse all further work, as uncommitted work may be lost."""
+        self._broken = StateError(
+            f"cannot write the state file in {self.out_dir / STATE_DIR}: {exc} — free disk space or fix the disk, then run "
+            "the same command again (finished jobs are kept)"
+        )
+        return self._broken
 
     async def durable(self) -> None:
         """Return once every transition written so far is committed.

@@ -7,12 +7,16 @@ import sqlite3
 from pathlib import Path
 
 import anyio
+import pytest
 
+from batchrunner.client import Client
 from batchrunner.download import Finisher
-from batchrunner.runner import Durations, poll_delay
+from batchrunner.errors import StateError
+from batchrunner.runner import Durations, Runner, poll_delay
+from batchrunner.sandbox import serve
 from batchrunner.store import JobState, Store
 
-from .test_run import ROOT, plan_of
+from .test_run import KEY, ROOT, cfg, plan_of, sandbox
 
 
 def committed_states(out: Path) -> dict[str, int]:
@@ -98,3 +102,18 @@ def test_first_poll_at_half_the_default_until_learned_then_at_the_30th_percentil
     assert durations.first_poll("flux-2", "image") == 103.0
     assert Durations({"unknown": 30.0}, history=[("m", 4.0), ("m", 2.0), ("m", 3.0)]).first_poll("m", "video") == 2.0
     assert Durations.estimate(8.0, 10.0) == 9.0 and Durations.estimate(None, 10.0) == 9.0
+
+
+async def test_a_state_file_that_cannot_be_written_stops_the_run_with_a_plain_error(tmp_path: Path) -> None:
+    plan = plan_of(ROOT / "manifests/demo.yaml")
+    store = Store.open(tmp_path)
+    store.sync(plan.specs)
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is full from now on
+    async with serve(sandbox()) as (_, url), Client(api_key=KEY, base_url=url) as client:
+        runner = Runner(cfg(tmp_path), store, client)
+        with pytest.raises(StateError, match="cannot write the state file"):
+            await runner.run(store.work())
+    store.conn.execute(f"PRAGMA max_page_count = {pages * 100}")
+    with pytest.raises(StateError):  # nothing more is written once a write failed
+        store.flush()
