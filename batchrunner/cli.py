@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import sys
@@ -165,6 +166,8 @@ def _config(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool)
         raise ManifestError([Problem("--concurrency", None, "must be at least 1")])
     scale = args.poll_scale if args.poll_scale is not None else (args.sandbox_time_scale if args.sandbox else None)
     if scale is not None:
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ManifestError([Problem("--poll-scale", None, f"must be a positive number such as 0.01, not {scale:g}")])
         config = replace(config, expected_s=scale_expected(scale))
     return config
 
