@@ -163,16 +163,20 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> LineDict:
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_PLAIN_SEGMENT = r"[\w\-{}]+(?:\.[\w\-{}]+)*"  # no empty, '.', '..' or dot-ended segment, nothing _UNSAFE
+_PLAIN_PATH = re.compile(f"{_PLAIN_SEGMENT}(?:/{_PLAIN_SEGMENT})*")
 
 
 def job_id(body: dict[str, Any], variant: int) -> str:
     """The stable id of a job (see the module docstring: this is a contract)."""
-    canonical = _CANONICAL({k: v for k, v in body.items() if k != "callBackUrl"})
+    canonical = _CANONICAL({k: v for k, v in body.items() if k != "callBackUrl"} if "callBackUrl" in body else body)
     return hashlib.sha256(f"batchrunner-job-v1\0{canonical}\0{variant}".encode()).hexdigest()[:20]
 
 
 def safe_path(path: str) -> str:
     """A relative path confined to the output folder; raises ValueError for absolute paths and ``..``."""
+    if _PLAIN_PATH.fullmatch(path):  # the common case, already safe: skip the segment-by-segment clean-up
+        return path
     path = path.replace("\\", "/")
     if path.startswith("/") or _DRIVE.match(path):
         raise ValueError("is absolute — output paths are relative to the output folder")
