@@ -330,24 +330,25 @@ class Runner:
             await self.sleep(poll_delay(polls, first_s=first, elapsed_s=elapsed, cap_s=self.config.poll_cap_s, rng=self.rng))
             await self.pacer.cooldown()
             try:
-                async with self._polls, self.client.download(job.task_id) as answer:
-                    polls += 1
-                    age = self.clock() - submitted
-                    if isinstance(answer, Processing):
-                        processing_at = age
-                        continue
-                    if job.duration_s is None:  # learn when jobs of this model finish
-                        job.duration_s = Durations.estimate(processing_at, age)
-                        self.durations.observe(job.model, job.duration_s)
-                    if isinstance(answer, Failed):
-                        self._fail(job, f"the API failed the task: {answer.reason}", NOT_RETRYABLE)
-                        return
-                    sidecar = {
-                        "job_id": job.id, "model": job.model, "prompt": str(model_fields(job.body).get("prompt", "")),
-                        "request": job.body, "vars": job.vars,
-                        "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
-                    }  # fmt: skip
-                    fetched = await save(answer, self.config.out_dir, job.path, sidecar, self._finisher)
+                async with self._polls:
+                    asked = self.clock() - submitted  # the job's age when asked (not answered: the round trip is ours, not its)
+                    async with self.client.download(job.task_id) as answer:
+                        polls += 1
+                        if isinstance(answer, Processing):
+                            processing_at = asked
+                            continue
+                        if job.duration_s is None:  # learn when jobs of this model finish
+                            job.duration_s = Durations.estimate(processing_at, asked)
+                            self.durations.observe(job.model, job.duration_s)
+                        if isinstance(answer, Failed):
+                            self._fail(job, f"the API failed the task: {answer.reason}", NOT_RETRYABLE)
+                            return
+                        sidecar = {
+                            "job_id": job.id, "model": job.model, "prompt": str(model_fields(job.body).get("prompt", "")),
+                            "request": job.body, "vars": job.vars,
+                            "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
+                        }  # fmt: skip
+                        fetched = await save(answer, self.config.out_dir, job.path, sidecar, self._finisher)
             except RateLimited as exc:
                 self.pacer.rate_limited(exc.retry_after_s, 1.0)
                 continue
