@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import queue
-import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +181,9 @@ async def save(dl: Download, out_dir: Path, rel_template: str, sidecar: dict[str
     by chunk first. Both hash on the way and pass the same checks before the atomic rename.
     """
     draft = out_dir / rel_template.replace("{ext}", "part")
-    tmp = draft.with_name(f".{draft.name}.{secrets.token_hex(4)}.tmp")
+    # one temp name per job (only one run works on a directory, and a job downloads once at a
+    # time), so a temp file left by a hard kill is overwritten and renamed by the retry
+    tmp = draft.with_name(f".{draft.name}.tmp")
     digest, size, head = hashlib.sha256(), 0, b""
     data: bytes | None = None
     try:

@@ -12,7 +12,7 @@ import pytest
 from batchrunner.client import Client
 from batchrunner.download import Finisher
 from batchrunner.errors import StateError
-from batchrunner.runner import Durations, Runner, poll_delay
+from batchrunner.runner import Durations, Runner, poll_delay, run_campaign
 from batchrunner.sandbox import serve
 from batchrunner.store import JobState, Store
 
@@ -117,3 +117,15 @@ async def test_a_state_file_that_cannot_be_written_stops_the_run_with_a_plain_er
     store.conn.execute(f"PRAGMA max_page_count = {pages * 100}")
     with pytest.raises(StateError):  # nothing more is written once a write failed
         store.flush()
+
+
+async def test_temp_files_left_by_a_hard_kill_are_taken_over_by_the_retry(tmp_path: Path) -> None:
+    plan = plan_of(ROOT / "manifests/demo.csv")
+    for spec in plan.specs:  # what a kill between writing a result and renaming it leaves behind
+        draft = tmp_path / spec.path.replace("{ext}", "part")
+        draft.parent.mkdir(parents=True, exist_ok=True)
+        draft.with_name(f".{draft.name}.tmp").write_bytes(b"half a fi")
+    async with serve(sandbox()) as (_, url):
+        result = await run_campaign(plan, cfg(tmp_path), api_key=KEY, base_url=url)
+    assert result.counts == {"done": 4}
+    assert not list(tmp_path.rglob("*.tmp"))
