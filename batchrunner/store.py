@@ -293,12 +293,18 @@ class Store:
                 "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, 'ambiguous', ?)",
                 ((self.run_id, i, now, "a submit was in progress when the last run stopped; resubmitting") for i in ids),
             )
-            base = f"{self.out_dir}{os.sep}"
-            missing = [
-                r[0]
-                for r in self.conn.execute("SELECT id, path FROM jobs WHERE state = 'done' AND in_manifest = 1")
-                if not os.path.isfile(base + r[1])
-            ]
+            files: dict[str, set[str]] = {}  # folder -> the files in it: one directory read per folder, not a stat per job
+            missing = []
+            for job_id, path in self.conn.execute("SELECT id, path FROM jobs WHERE state = 'done' AND in_manifest = 1"):
+                folder, _, name = path.rpartition("/")
+                if folder not in files:
+                    try:
+                        with os.scandir(self.out_dir / folder) as entries:
+                            files[folder] = {e.name for e in entries if e.is_file()}
+                    except OSError:
+                        files[folder] = set()
+                if name not in files[folder]:
+                    missing.append(job_id)
             self.conn.executemany("UPDATE jobs SET state = 'pending', path = NULL, sha256 = NULL WHERE id = ?", ((i,) for i in missing))
         return {"ambiguous": len(ids), "files_missing": len(missing)}
 

@@ -129,3 +129,15 @@ async def test_temp_files_left_by_a_hard_kill_are_taken_over_by_the_retry(tmp_pa
         result = await run_campaign(plan, cfg(tmp_path), api_key=KEY, base_url=url)
     assert result.counts == {"done": 4}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+async def test_a_result_deleted_after_the_run_is_made_again_and_only_it(tmp_path: Path) -> None:
+    plan = plan_of(ROOT / "manifests/demo.yaml")
+    async with serve(sandbox()) as (sb, url):
+        first = await run_campaign(plan, cfg(tmp_path), api_key=KEY, base_url=url)
+        gone = sorted(p for p in tmp_path.rglob("*.png"))[:2]
+        for path in gone:
+            path.unlink()
+        again = await run_campaign(plan, cfg(tmp_path), api_key=KEY, base_url=url)
+    assert first.counts == again.counts == {"done": 18}
+    assert sb.stats.tasks_created == 18 + 2 and all(p.is_file() for p in gone)
