@@ -12,6 +12,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -457,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    # `docker stop`, systemd: stop exactly as Ctrl-C does (the event loop's own SIGINT handling), state saved
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
         return int(args.func(args))
     except ManifestError as exc:

@@ -64,7 +64,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, write) -> None:  
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_state_exits_130_and_resumes(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_state_exits_130_and_resumes(tmp_path: Path, write, stop: signal.Signals) -> None:  # type: ignore[no-untyped-def]
     path = manifest(write, 30)
     out = tmp_path / "out"
     with sandbox_process("--key", KEY, "--time-scale", "0.02") as url:
@@ -77,7 +78,7 @@ def test_ctrl_c_saves_state_exits_130_and_resumes(tmp_path: Path, write) -> None
             text=True,
         )
         time.sleep(1.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
         assert "interrupted" in err and "Traceback" not in err
