@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import secrets
 import signal
@@ -165,12 +164,16 @@ def _config(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool)
     )
     if config.concurrency < 1:
         raise ManifestError([Problem("--concurrency", None, "must be at least 1")])
-    scale = args.poll_scale if args.poll_scale is not None else (args.sandbox_time_scale if args.sandbox else None)
-    if scale is not None:
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ManifestError([Problem("--poll-scale", None, f"must be a positive number such as 0.01, not {scale:g}")])
-        config = replace(config, expected_s=scale_expected(scale))
-    return config
+    if args.poll_scale is not None:
+        flag, scale = "--poll-scale", args.poll_scale
+    elif args.sandbox:
+        flag, scale = "--sandbox-time-scale", args.sandbox_time_scale
+    else:
+        return config
+    try:
+        return replace(config, expected_s=scale_expected(scale))
+    except ValueError as exc:
+        raise ManifestError([Problem(flag, None, str(exc))]) from None
 
 
 async def _run(args: argparse.Namespace, plan: Plan | None, config: RunConfig, progress: Progress) -> RunResult:

@@ -465,8 +465,6 @@ async def run_campaign(
 
 def scale_expected(scale: float) -> dict[str, float]:
     """The default expected durations times ``scale`` (the embedded sandbox runs faster than real time)."""
-    return (
-        {k: max(0.001, v * scale) for k, v in DEFAULT_EXPECTED_S.items()}
-        if scale > 0 and math.isfinite(scale)
-        else dict(DEFAULT_EXPECTED_S)
-    )
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"must be a positive number such as 0.01, not {scale:g}")
+    return {k: max(0.001, v * scale) for k, v in DEFAULT_EXPECTED_S.items()}
