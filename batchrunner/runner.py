@@ -43,8 +43,9 @@ from .errors import (
     UnknownTask,
 )
 from .expand import Plan
-from .store import FLUSH_S, NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store, peek
+from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store, peek
 
+FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
 DEFAULT_EXPECTED_S = {"image": 10.0, "video": 90.0, "audio": 20.0, "unknown": 30.0}
 EventHandler = Callable[[str, Job | None, str], None]
 
@@ -221,7 +222,7 @@ class Runner:
             self._finisher.close()
 
     async def _flusher(self) -> None:
-        """Commit a batch of transitions that no submit is waiting for (finished jobs) soon, even when the run goes quiet."""
+        """Commit the transitions that no submit waits for (finished jobs) every :data:`FLUSH_S`, even when the run goes quiet."""
         while True:
             await anyio.sleep(FLUSH_S)
             self.store.flush()

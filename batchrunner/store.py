@@ -11,12 +11,13 @@ The allowed transitions live in :data:`TRANSITIONS` and nowhere else; a transiti
 ``UPDATE … WHERE state IN (allowed sources)``, so a racing or illegal change is refused
 rather than silently applied.
 
-Group commit: transitions are written into an open transaction and committed together —
-by :meth:`Store.durable`, which a caller awaits before a network call that depends on its
-transition (one commit serves every job that asks within :data:`GROUP_S`), and
-at the latest :data:`FLUSH_S` after the batch opened. Losing an uncommitted batch to a hard
-kill is safe by construction: only transitions nothing paid depends on wait for a later
-commit (a finished download not yet marked done is fetched again, free).
+Group commit: transitions are written into an open transaction and committed together — by
+:meth:`Store.durable`, which a caller awaits before a network call that depends on its
+transition (one commit serves every job that asks within :data:`GROUP_S`), and by
+:meth:`Store.flush`, which the runner calls every fraction of a second and
+:meth:`Store.close` calls at the end. Losing an uncommitted batch to a hard kill is safe
+by construction: only transitions nothing paid depends on wait for a later commit (a
+finished download not yet marked done is fetched again, free).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from .errors import StateError, redact
 from .expand import JobSpec
 
 STATE_DIR = ".batchrunner"
-FLUSH_S = 0.2  # an open batch of transitions is committed at most this long after it opened
 GROUP_S = 0.001  # how long the first job asking for a commit waits for others to share it
 NOT_RETRYABLE, RESUBMIT, REPOLL = 0, 1, 2
 
@@ -121,7 +121,6 @@ class Store:
         self._lock_fd = lock_fd
         self.clock = clock
         self.run_id: int | None = None
-        self._batch_at = 0.0  # time.monotonic() when the open batch began
         self._committing: anyio.Event | None = None
         self._broken: StateError | None = None
 
@@ -356,7 +355,6 @@ class Store:
         try:
             if not self.conn.in_transaction:
                 self.conn.execute("BEGIN")
-                self._batch_at = time.monotonic()
             changed = self.conn.execute(sql, (*values, job.id, *map(str, allowed))).rowcount
             if changed == 1 and event is not None:
                 self.conn.execute(
@@ -368,8 +366,6 @@ class Store:
         if changed != 1:
             raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
         job.state = to
-        if time.monotonic() - self._batch_at >= FLUSH_S:
-            self.flush()
 
     def flush(self) -> None:
         """Commit the open batch of transitions, if any. A failed commit breaks the store for good."""
