@@ -344,6 +344,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"batchrunner {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    def command(name: str, what: str, *examples: str) -> argparse.ArgumentParser:
+        """A subcommand whose --help ends with its examples."""
+        epilog = ("examples:" if len(examples) > 1 else "example:") + "".join(f"\n  {e}" for e in examples)
+        return sub.add_parser(name, help=what, formatter_class=fmt, epilog=epilog)
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--catalog", metavar="FILE", help="a catalog CSV extending the shipped one (env BATCHRUNNER_CATALOG)")
         p.add_argument("--strict", action="store_true", help="an unknown model is an error, not a warning")
@@ -365,12 +370,11 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--sandbox-failure-rate", type=float, default=0.0, help="with --sandbox: share of tasks the sandbox fails")
 
-    p = sub.add_parser(
+    p = command(
         "run",
-        help="run or resume a campaign",
-        formatter_class=fmt,
-        epilog="examples:\n  batchrunner run manifests/demo.yaml --sandbox\n"
-        "  CLIPRISE_API_KEY=... batchrunner run campaign.yaml --out out/campaign --concurrency 16 --rate 5",
+        "run or resume a campaign",
+        "batchrunner run manifests/demo.yaml --sandbox",
+        "CLIPRISE_API_KEY=... batchrunner run campaign.yaml --out out/campaign --concurrency 16 --rate 5",
     )
     p.add_argument("manifest", help="a YAML or CSV manifest")
     p.add_argument("--out", metavar="DIR", help="output directory (default: the manifest's 'output', or out/<name> beside it)")
@@ -379,11 +383,11 @@ def _parser() -> argparse.ArgumentParser:
     running(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser(
+    p = command(
         "plan",
-        help="validate and count a manifest; sends nothing",
-        formatter_class=fmt,
-        epilog="examples:\n  batchrunner plan manifests/demo.yaml\n  batchrunner plan manifests/demo.yaml --json",
+        "validate and count a manifest; sends nothing",
+        "batchrunner plan manifests/demo.yaml",
+        "batchrunner plan manifests/demo.yaml --json",
     )
     p.add_argument("manifest")
     p.add_argument("--out", metavar="DIR", help="output directory whose state tells what a re-run skips")
@@ -391,52 +395,27 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser(
-        "status",
-        help="counts per state and failures of an output directory",
-        formatter_class=fmt,
-        epilog="example:\n  batchrunner status out/demo",
-    )
+    p = command("status", "counts per state and failures of an output directory", "batchrunner status out/demo")
     p.add_argument("dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser(
-        "retry",
-        help="put failed jobs back to work and run them",
-        formatter_class=fmt,
-        epilog="example:\n  batchrunner retry out/demo --sandbox",
-    )
+    p = command("retry", "put failed jobs back to work and run them", "batchrunner retry out/demo --sandbox")
     p.add_argument("dir")
     running(p)
     p.set_defaults(func=cmd_retry)
 
-    p = sub.add_parser(
-        "report",
-        help="rewrite report.json, report.csv and report.html",
-        formatter_class=fmt,
-        epilog="example:\n  batchrunner report out/demo",
-    )
+    p = command("report", "rewrite report.json, report.csv and report.html", "batchrunner report out/demo")
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser(
-        "models",
-        help="list the model catalog",
-        formatter_class=fmt,
-        epilog="examples:\n  batchrunner models --modality video\n  batchrunner models --json",
-    )
+    p = command("models", "list the model catalog", "batchrunner models --modality video", "batchrunner models --json")
     p.add_argument("--modality", choices=("image", "video", "audio"))
     p.add_argument("--json", action="store_true")
     common(p)
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser(
-        "sandbox",
-        help="serve the simulated API for other tools",
-        formatter_class=fmt,
-        epilog="example:\n  batchrunner sandbox --port 8080 --time-scale 0.01 --p-429 0.05",
-    )
+    p = command("sandbox", "serve the simulated API for other tools", "batchrunner sandbox --port 8080 --time-scale 0.01 --p-429 0.05")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     p.add_argument("--key", default="sandbox-key", help="the API key it accepts")
