@@ -25,7 +25,7 @@ from .catalog import Catalog, load_catalog
 from .errors import BatchRunnerError, ManifestError, Problem, StateError
 from .expand import Plan, expand
 from .manifest import load
-from .runner import RunConfig, RunResult, run_campaign, scale_expected
+from .runner import Interrupt, RunConfig, RunResult, run_campaign, scale_expected
 from .store import Job, Store, peek
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -177,10 +177,29 @@ def _config(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool)
 
 
 async def _run(args: argparse.Namespace, plan: Plan | None, config: RunConfig, progress: Progress) -> RunResult:
+    """The run, stopped gracefully by the first SIGINT/SIGTERM and at once by the second."""
+    interrupt = Interrupt()
+    try:
+        async with anyio.create_task_group() as tg:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+                async def watch() -> None:
+                    async for _ in signals:
+                        interrupt.request()
+
+                tg.start_soon(watch)
+                result = await _campaign(args, plan, config, progress, interrupt)
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # the campaign's own error (bad input, state), plainly
+        raise group.exceptions[0] from None
+    return result
+
+
+async def _campaign(args: argparse.Namespace, plan: Plan | None, config: RunConfig, progress: Progress, interrupt: Interrupt) -> RunResult:
     if not args.sandbox:
         key = os.environ.get("CLIPRISE_API_KEY", "")
         base = os.environ.get("CLIPRISE_BASE_URL") or "https://business.api.cliprise.app"
-        return await run_campaign(plan, config, api_key=key, base_url=base, on_event=progress)
+        return await run_campaign(plan, config, api_key=key, base_url=base, on_event=progress, interrupt=interrupt)
     from .sandbox import SandboxConfig, serve
 
     key = "sandbox-key"  # the embedded sandbox's throwaway key (a restarted sandbox must accept it again)
@@ -191,7 +210,7 @@ async def _run(args: argparse.Namespace, plan: Plan | None, config: RunConfig, p
         tasks_file=config.out_dir / ".batchrunner" / "sandbox-tasks.jsonl",
     )  # fmt: skip
     async with serve(sandbox) as (_, url):
-        return await run_campaign(plan, config, api_key=key, base_url=url, on_event=progress)
+        return await run_campaign(plan, config, api_key=key, base_url=url, on_event=progress, interrupt=interrupt)
 
 
 def _execute(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool) -> int:
@@ -201,13 +220,19 @@ def _execute(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool
     config = _config(args, plan, out, retry)
     total = len(plan.specs) if plan else sum(_stored_counts(out).values())
     progress = Progress(total, args.quiet, args.verbose)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         result = anyio.run(_run, args, plan, config, progress)
     except KeyboardInterrupt:
-        progress.close()
+        result = None
+    finally:  # the run's signal receiver left the defaults behind: a signal from here on still exits 130 quietly
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM), handlers, strict=True):
+            if handler is not None:
+                signal.signal(signum, handler)
+    progress.close()
+    if result is None or result.outcome == "interrupted":
         print(f"\ninterrupted: state saved in {out}; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    progress.close()
     counts = result.counts
     if not args.quiet:
         parts = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
@@ -440,8 +465,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    # `docker stop`, systemd: stop exactly as Ctrl-C does (the event loop's own SIGINT handling), state saved
-    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
         return int(args.func(args))
     except ManifestError as exc:
@@ -460,4 +483,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from .__main__ import trap_signals
+
+    trap_signals()
     sys.exit(main())

@@ -6,6 +6,7 @@
     └── ApiError                 anything the Cliprise API (or the way to it) said
         ├── TransientApiError    5xx, HTML 502, dropped connection, timeout on a safe request: retry
         │   ├── RateLimited      429; ``.retry_after_s`` slows the whole run
+        │   ├── Unreachable      connection refused, DNS: nothing reached the API (the run stops if it lasts)
         │   └── DownloadError    a truncated or broken download: fetch again
         ├── PermanentApiError    the API refused this request (validation, failed task): fail the job
         │   └── UnknownTask      the API does not know a task id we hold (invalid_taskId)
@@ -98,6 +99,10 @@ class RateLimited(TransientApiError):
     def __init__(self, message: str, *, retry_after_s: float | None, status: int | None = 429) -> None:
         super().__init__(message, status=status)
         self.retry_after_s = retry_after_s
+
+
+class Unreachable(TransientApiError):
+    """The API could not be reached at all (connection refused, DNS): the request provably did not arrive."""
 
 
 class DownloadError(TransientApiError):

@@ -10,8 +10,14 @@ place by one :class:`~batchrunner.download.Finisher` thread, many at a time.
 
 Every transition is committed before the network call that depends on it; the generate
 POST and the write of its task id are shielded from cancellation, so Ctrl-C never strands a
-paid task. Only a hard kill inside that window leaves a job ambiguous; resume resubmits it
-and counts it.
+paid task — for at most ``stop_grace_s``: a stop (:class:`Interrupt`) gives requests in flight
+that long to be answered, a second stop none; a POST cut short is counted as ambiguous. A hard
+kill inside that window also leaves a job ambiguous; resume resubmits it and counts it.
+
+Every wait is bounded and visible: a rate-limit pause longer than ``max_pause_s`` stops the
+run ("rate-limited until …"), an API that cannot be reached stops it once (not job by job),
+an answer that is neither documented state fails the job after ``max_unrecognised`` of them,
+and a ``tick`` event says once a second what the run is waiting for.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import anyio
 
 from .catalog import model_fields
-from .client import Client, Failed, Processing
+from .client import Client, Failed, Processing, Unrecognised
 from .download import Finisher, save
 from .errors import (
     AmbiguousSubmit,
@@ -41,6 +47,7 @@ from .errors import (
     StateError,
     TransientApiError,
     UnknownTask,
+    Unreachable,
 )
 from .expand import Plan
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store, peek
@@ -66,6 +73,11 @@ class RunConfig:
     poll_connections: int = 32
     job_deadline_s: float = 6 * 3600.0
     max_ambiguous: int = 3
+    max_pause_s: float = 900.0  # a rate-limit pause (Retry-After, or 429 after 429) longer than this stops the run
+    unreachable_s: float = 30.0  # how long the API may stay unreachable mid-run before the run stops
+    max_unrecognised: int = 10  # answers that are neither documented state before the job fails
+    stop_grace_s: float = 5.0  # how long a stop waits for generate requests in flight to be answered
+    tick_s: float = 1.0  # how often the ``tick`` event reports what the run is waiting for
     force: bool = False
     retry_failed: bool = False
 
@@ -168,8 +180,35 @@ class Pacer:
             if at > now:
                 await self.sleep(at - now)
 
-    def rate_limited(self, retry_after_s: float | None, fallback_s: float) -> None:
+    def rate_limited(self, retry_after_s: float | None, fallback_s: float) -> float:
+        """Pause every generate request until the API's Retry-After (or ``fallback_s``) has passed; return when."""
         self.cool_until = max(self.cool_until, self.clock() + (retry_after_s if retry_after_s is not None else fallback_s))
+        return self.cool_until
+
+
+class Interrupt:
+    """A caller's way to stop a run from outside (the CLI's signal handler, a GUI's button).
+
+    The first :meth:`request` stops the run gracefully: nothing new is sent, polls stop, and
+    generate requests in flight get ``stop_grace_s`` to be answered and recorded. A second
+    request stops at once; what is still in flight is counted as ambiguous (it may have
+    created a task), so the next run resubmits it and says so.
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._runner: Runner | None = None
+
+    def request(self) -> None:
+        self.requests += 1
+        if self._runner is not None:
+            self._runner.interrupt(force=self.requests > 1)
+
+
+def clock_text(at: float) -> str:
+    """A wall-clock time for messages: ``14:03:07``, with the date when it is not today."""
+    fmt = "%H:%M:%S" if time.strftime("%Y-%m-%d", time.localtime(at)) == time.strftime("%Y-%m-%d") else "%Y-%m-%d %H:%M:%S"
+    return time.strftime(fmt, time.localtime(at))
 
 
 class Runner:
@@ -195,15 +234,22 @@ class Runner:
         self.spent = store.totals()["credits_spent"]
         self.stop_reason: str | None = None
         self.fatal: FatalApiError | None = None
+        self.interrupted = False
         self._slots = anyio.Semaphore(config.concurrency)
         self._polls = anyio.CapacityLimiter(config.poll_connections)
         self._scope: anyio.CancelScope | None = None
+        self._shields: set[anyio.CancelScope] = set()  # generate requests in flight, each under its own shield
+        self._collecting = 0  # jobs waiting for their result
+        self._reached = False  # the API answered something during this run
+        self._unreachable: tuple[float, int] | None = None  # (since, failures) of an unbroken run of unreachable errors
+        self._limited_since: float | None = None  # start of an unbroken run of 429 answers
 
     async def run(self, jobs: Iterable[Job]) -> None:
         self._finisher = Finisher()
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flusher)
+                outer.start_soon(self._ticker)
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
                     for job in jobs:
@@ -227,9 +273,84 @@ class Runner:
             await anyio.sleep(FLUSH_S)
             self.store.flush()
 
+    async def _ticker(self) -> None:
+        """Say what the run is waiting for, once a :attr:`RunConfig.tick_s`, also when nothing else happens."""
+        while True:
+            await anyio.sleep(self.config.tick_s)
+            self.on_event("tick", None, self.waiting())
+
+    def waiting(self) -> str:
+        """What the run is waiting for right now, in words."""
+        parts = []
+        if self._shields:
+            parts.append(f"{len(self._shields)} generate request(s) to be answered")
+        if self._collecting:
+            parts.append(f"{self._collecting} result(s)")
+        if self.pacer.cool_until > self.clock():
+            parts.append(f"the rate limit to lift at {clock_text(self.pacer.cool_until)}")
+        text = "waiting for " + ", ".join(parts) if parts else "idle"
+        return f"stopping ({self.stop_reason}): {text}" if self.stop_reason else text
+
+    def interrupt(self, *, force: bool = False) -> None:
+        """Stop: see :class:`Interrupt`. Must be called from the run's event loop."""
+        self.interrupted = True
+        self._stop("interrupted")
+        if self._scope is not None:
+            self._scope.cancel()
+        deadline = -math.inf if force else anyio.current_time() + self.config.stop_grace_s
+        for shield in self._shields:
+            shield.deadline = min(shield.deadline, deadline)
+        if self._shields:
+            n = len(self._shields)
+            self.on_event(
+                "stopping",
+                None,
+                f"stopping at once: {n} generate request(s) cut short, counted as ambiguous"
+                if force
+                else f"stopping: waiting up to {self.config.stop_grace_s:g} s for {n} generate request(s) in flight to be answered "
+                "(stop again to stop at once)",
+            )
+        else:
+            self.on_event("stopping", None, "stopping: nothing in flight")
+
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+
+    def _answered(self) -> None:
+        """The API answered (anything but a 429): an unreachable or rate-limited spell is over."""
+        self._reached = True
+        self._unreachable = None
+        self._limited_since = None
+
+    def _check_unreachable(self, exc: Unreachable) -> None:
+        """Raise :class:`FatalApiError` once the API has been unreachable for too long: one stop, not a failure per job.
+
+        Never reached during this run: three refusals over a second stop it (a wrong URL, no
+        network). Reached before: a spell longer than ``unreachable_s`` does. Jobs keep their
+        state (pending ones were never sent), so running the command again continues.
+        """
+        now = self.clock()
+        since, failures = self._unreachable or (now, 0)
+        self._unreachable = (since, failures + 1)
+        if (not self._reached and failures + 1 >= 3 and now - since >= 1.0) or now - since > self.config.unreachable_s:
+            raise FatalApiError(
+                f"{exc.message} — check CLIPRISE_BASE_URL and the network, then run the same command again (nothing is lost)"
+            )
+
+    def _rate_limited(self, exc: RateLimited, fallback_s: float) -> None:
+        """Pause the whole run for a 429; raise :class:`FatalApiError` when the pause would pass ``max_pause_s``."""
+        now = self.clock()
+        self._reached = True
+        if self._limited_since is None:
+            self._limited_since = now
+        until = self.pacer.rate_limited(exc.retry_after_s, fallback_s)
+        if until - now > self.config.max_pause_s or until - self._limited_since > self.config.max_pause_s:
+            raise FatalApiError(
+                f"rate-limited until {clock_text(until)} ({exc.message}; longer than the {self.config.max_pause_s:g} s this run waits) "
+                "— run the same command again after that"
+            )
+        self.on_event("paused", None, f"rate-limited until {clock_text(until)} (HTTP 429)")
 
     async def _job(self, job: Job) -> None:
         try:
@@ -270,15 +391,24 @@ class Runner:
             except anyio.get_cancelled_exc_class():
                 self.store.transition(job, JobState.PENDING)  # stopped before sending: not ambiguous
                 raise
-            with anyio.CancelScope(shield=True):  # a sent POST's task id is always recorded
+            delay = 0.0
+            # a sent POST's task id is always recorded — unless a stop cuts the wait short (see Interrupt)
+            with anyio.CancelScope(shield=True) as shield:
+                self._shields.add(shield)
                 try:
                     task_id = await self.client.generate(job.body)
                 except RateLimited as exc:
                     self.store.transition(job, JobState.PENDING, event=exc.message)
-                    self.pacer.rate_limited(exc.retry_after_s, backoff(attempt, base_s=1.0, cap_s=self.config.backoff_cap_s, rng=self.rng))
                     self.on_event("rate_limited", job, exc.message)
+                    self._rate_limited(exc, backoff(attempt, base_s=1.0, cap_s=self.config.backoff_cap_s, rng=self.rng))
                     continue
+                except Unreachable as exc:  # nothing was sent: the job waits, the run decides whether to go on
+                    self.store.transition(job, JobState.PENDING, event=exc.message)
+                    self._check_unreachable(exc)
+                    self.on_event("retry", job, exc.message)
+                    delay = backoff(1, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng)
                 except TransientApiError as exc:
+                    self._answered()
                     self.store.transition(job, JobState.PENDING, event=exc.message, attempts=1)
                     attempt += 1
                     if attempt > self.config.retries:
@@ -301,16 +431,26 @@ class Runner:
                     self.store.transition(job, JobState.PENDING)  # refused with an answer: not created
                     raise
                 except PermanentApiError as exc:
+                    self._answered()
                     self._fail(job, exc.message, NOT_RETRYABLE)
                     return False
                 else:
+                    self._answered()
                     now = self.clock()
                     self.spent += cost
                     self.store.transition(job, JobState.SUBMITTED, task_id=task_id, submitted_at=now, submits=1, credits_spent=cost)
-                    await self.store.durable()
                     job.task_id, job.submitted_at = task_id, now
                     self.on_event("submitted", job, task_id)
+                    await self.store.durable()
                     return True
+                finally:
+                    self._shields.discard(shield)
+            if job.state == JobState.SUBMITTING:  # a stop cut the wait for the answer short: the task may exist
+                self.store.transition(job, JobState.PENDING, event="ambiguous: stopped before the API answered", ambiguous=1)
+                self.on_event("ambiguous", job, "stopped before the API answered")
+                return False
+            if shield.cancelled_caught:
+                return job.state == JobState.SUBMITTED
             await self.sleep(delay)
 
     async def _collect(self, job: Job) -> None:
@@ -320,10 +460,19 @@ class Runner:
         simply asked for again. Raises once the deadline passes or errors pile up.
         """
         assert job.task_id is not None
+        self._collecting += 1
+        try:
+            await self._poll(job)
+        finally:
+            self._collecting -= 1
+
+    async def _poll(self, job: Job) -> None:
+        assert job.task_id is not None
         submitted = job.submitted_at or self.clock()
         first = self.durations.first_poll(job.model, job.modality)
-        polls = errors = 0
+        polls = errors = unrecognised = 0
         processing_at: float | None = None
+        said: str | None = None
         while True:
             elapsed = self.clock() - submitted
             if elapsed > self.config.job_deadline_s:
@@ -335,8 +484,23 @@ class Runner:
                     asked = self.clock() - submitted  # the job's age when asked (not answered: the round trip is ours, not its)
                     async with self.client.download(job.task_id) as answer:
                         polls += 1
+                        self._answered()
                         if isinstance(answer, Processing):
                             processing_at = asked
+                            if answer.status != "processing" and answer.status != said:
+                                said = answer.status
+                                self.on_event("status", job, f"the API says {answer.status!r} (HTTP 300: still processing)")
+                            continue
+                        if isinstance(answer, Unrecognised):
+                            unrecognised += 1
+                            self.on_event(
+                                "unrecognised",
+                                job,
+                                f"answer {unrecognised} of {self.config.max_unrecognised} without a result: {answer.text}",
+                            )
+                            if unrecognised >= self.config.max_unrecognised:
+                                self._fail(job, f"the API answered {unrecognised} times without a result URL: {answer.text}", REPOLL)
+                                return
                             continue
                         if job.duration_s is None:  # learn when jobs of this model finish
                             job.duration_s = Durations.estimate(processing_at, asked)
@@ -351,7 +515,12 @@ class Runner:
                         }  # fmt: skip
                         fetched = await save(answer, self.config.out_dir, job.path, sidecar, self._finisher)
             except RateLimited as exc:
-                self.pacer.rate_limited(exc.retry_after_s, 1.0)
+                self._rate_limited(exc, 1.0)
+                continue
+            except Unreachable as exc:
+                self._check_unreachable(exc)
+                self.on_event("retry", job, exc.message)
+                await self.sleep(backoff(1, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng))
                 continue
             except TransientApiError as exc:
                 errors += 1
@@ -414,10 +583,12 @@ async def run_campaign(
     host_header: str | None = None,
     on_event: EventHandler | None = None,
     rng: random.Random | None = None,
+    interrupt: Interrupt | None = None,
 ) -> RunResult:
     """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command.
 
-    With ``plan=None`` the directory's stored jobs are run as they are (``retry``).
+    With ``plan=None`` the directory's stored jobs are run as they are (``retry``). An
+    ``interrupt`` lets the caller stop the run (outcome ``interrupted``, state saved).
     """
     from .client import API_HOST
     from .report import write_reports
@@ -446,9 +617,16 @@ async def run_campaign(
             connections=config.concurrency + config.poll_connections,
         ) as client:
             runner = Runner(config, store, client, on_event=on_event, rng=rng)
-            await runner.run(store.work())
+            if interrupt is not None:
+                interrupt._runner = runner
+                if interrupt.requests:
+                    runner.interrupted = True
+            if not runner.interrupted:
+                await runner.run(store.work())
         counts = store.counts()
-        if runner.stop_reason is not None:
+        if runner.interrupted:
+            outcome = "interrupted"
+        elif runner.stop_reason is not None:
             outcome, error = "stopped", runner.stop_reason
         else:
             outcome = "failed" if counts.get("failed") else "complete"
