@@ -136,6 +136,11 @@ class Progress:
     def __call__(self, kind: str, job: Job | None, detail: str) -> None:
         if kind in self.counts:
             self.counts[kind] += 1
+        if kind == "stopping":  # said at once, even with --quiet: the user is waiting for the run to end
+            if self.bar is not None:
+                self.bar.write(detail, file=sys.stderr)
+            else:
+                print(detail, file=sys.stderr, flush=True)
         if self.verbose:
             print(f"[{kind}] {job.id if job else ''} {detail}", file=sys.stderr)
         if self.bar is not None:

@@ -277,9 +277,8 @@ class Client:
             return Processing(state or "processing")
         if http == 200 and isinstance(obj, dict):
             if state in FAILURE_WORDS:
-                return Failed(
-                    reason=redact(_message(obj, raw) if any(k in obj for k in ("failMsg", "msg", "message")) else f"status {state!r}")
-                )
+                said = any(key in obj for key in ("failMsg", "msg", "message"))
+                return Failed(reason=redact(_message(obj, raw) if said else f"the API answered status {state!r}"))
             url = obj.get("fileURL")
             if isinstance(url, str) and url:
                 return Succeeded(file_url=redact(url))

@@ -1,0 +1,199 @@
+"""Hostile conditions for the run engine: signals, unbounded waits, an API that cannot be reached.
+
+Each test drives the real CLI (or the library's run_campaign) against the real sandbox, or
+against a socket that accepts requests and never answers — the network as it can really be.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from batchrunner.client import Client, Failed, Processing, Succeeded, Unrecognised
+from batchrunner.runner import run_campaign
+from batchrunner.sandbox import serve
+
+from .conftest import ROOT
+from .test_run import KEY, cfg, plan_of, sandbox
+
+CSV = ROOT / "manifests/demo.csv"
+
+
+@contextmanager
+def black_hole() -> Iterator[tuple[str, threading.Event]]:
+    """A server that accepts connections, reads requests and never answers; the event is set at the first generate POST."""
+    server = socket.create_server(("127.0.0.1", 0))
+    got_post = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve_forever() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            threading.Thread(target=read, args=(conn,), daemon=True).start()
+
+    def read(conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(65536):
+                if b"POST /app/cliprise/generate" in data:
+                    got_post.set()
+        except OSError:
+            return
+
+    threading.Thread(target=serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", got_post
+    finally:
+        server.close()
+        for conn in conns:
+            conn.close()
+
+
+def start_run(manifest: Path, out: Path, url: str, *, ignore_sigint: bool = False) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPRISE_", "BATCHRUNNER_"))}
+    env.update({"CLIPRISE_API_KEY": KEY, "CLIPRISE_BASE_URL": url})
+
+    def ignore() -> None:  # as `cmd &` in a non-interactive shell starts it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "run", str(manifest), "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=ignore if ignore_sigint else None,
+    )
+
+
+def wait_for_line(proc: subprocess.Popen[str], needle: str) -> list[str]:
+    """Read stderr until a line contains ``needle``; return the lines read."""
+    assert proc.stderr is not None
+    lines = []
+    while line := proc.stderr.readline():
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} never printed; stderr: {''.join(lines)}")
+
+
+def stored(out: Path) -> list[tuple[str, int]]:
+    conn = sqlite3.connect(f"file:{out / '.batchrunner/state.sqlite'}?mode=ro", uri=True)
+    try:
+        return [(r[0], r[1]) for r in conn.execute("SELECT state, ambiguous FROM jobs ORDER BY idx")]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_sigterm_with_sigint_ignored_stops_a_run_whose_posts_hang(tmp_path: Path, second: bool) -> None:
+    """SIGTERM works whatever was inherited; POSTs in flight get a bounded grace, a second signal none; both count as ambiguous."""
+    out = tmp_path / "out"
+    with black_hole() as (url, got_post):
+        proc = start_run(CSV, out, url, ignore_sigint=True)
+        try:
+            assert got_post.wait(60), "no generate request reached the server"
+            proc.send_signal(signal.SIGTERM)
+            lines = wait_for_line(proc, "stopping: waiting up to 5 s for")
+            if second:
+                proc.send_signal(signal.SIGINT)
+                lines += wait_for_line(proc, "stopping at once")
+            _, err = proc.communicate(timeout=40)  # far less than the 60 s read timeout the shield used to wait for
+        finally:
+            proc.kill()
+    err = "".join(lines) + err
+    assert proc.returncode == 130, err
+    assert "interrupted: state saved" in err and "Traceback" not in err
+    rows = stored(out)
+    assert rows and all(state == "pending" for state, _ in rows)
+    assert sum(ambiguous for _, ambiguous in rows) >= 1  # the unanswered POSTs may have created tasks: counted
+
+
+def test_a_signal_during_start_up_exits_130_quietly(tmp_path: Path) -> None:
+    proc = start_run(CSV, tmp_path / "out", "http://127.0.0.1:9")
+    try:
+        caught = 0
+        while not caught & (1 << (signal.SIGTERM - 1)):  # the entry point has trapped SIGTERM: heavy imports come next
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+async def test_a_retry_after_longer_than_the_limit_stops_the_run_with_when(tmp_path: Path) -> None:
+    async with serve(sandbox(p_429=1.0, retry_after_s=86400)) as (sb, url):
+        result = await run_campaign(plan_of(CSV), cfg(tmp_path, max_pause_s=600), api_key=KEY, base_url=url)
+    assert result.outcome == "stopped"
+    assert result.error and "rate-limited until" in result.error and "run the same command again after that" in result.error
+    assert result.counts == {"pending": 4} and sb.stats.tasks_created == 0
+
+
+async def test_429_on_every_request_stops_the_run_after_the_limit(tmp_path: Path) -> None:
+    async with serve(sandbox(p_429=1.0, retry_after_s=0.02)) as (sb, url):
+        result = await run_campaign(plan_of(CSV), cfg(tmp_path, max_pause_s=0.3), api_key=KEY, base_url=url)
+    assert result.outcome == "stopped" and result.error and "rate-limited until" in result.error
+    assert result.counts == {"pending": 4} and sb.stats.generate_requests > 4
+
+
+async def test_an_unreachable_api_stops_the_run_once_and_fails_no_job(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed when the block ends: nothing listens there
+    events: list[str] = []
+    result = await run_campaign(
+        plan_of(CSV),
+        cfg(tmp_path, backoff_base_s=0.2, backoff_cap_s=0.5),
+        api_key=KEY,
+        base_url=f"http://127.0.0.1:{port}",
+        on_event=lambda kind, job, detail: events.append(kind),
+    )
+    assert result.outcome == "stopped"
+    assert result.error and "cannot reach the API" in result.error and "CLIPRISE_BASE_URL" in result.error
+    assert result.counts == {"pending": 4}  # never sent: nothing failed, nothing to retry by hand
+    assert "failed" not in events
+
+
+async def test_ticks_say_what_the_run_is_waiting_for(tmp_path: Path) -> None:
+    ticks: list[str] = []
+
+    def on_event(kind: str, job: object, detail: str) -> None:
+        if kind == "tick":
+            ticks.append(detail)
+
+    async with serve(sandbox(time_scale=0.05)) as (_, url):  # the video takes ~3 s: ticks come meanwhile
+        result = await run_campaign(plan_of(CSV), cfg(tmp_path, tick_s=0.05), api_key=KEY, base_url=url, on_event=on_event)
+    assert result.outcome == "complete"
+    assert any(t.startswith("waiting for") and "result(s)" in t for t in ticks), ticks[:5]
+
+
+@pytest.mark.parametrize(
+    ("http", "body", "expected"),
+    [
+        (300, b'{"status":"processing"}', Processing("processing")),
+        (300, b'{"status":"queued"}', Processing("queued")),  # HTTP 300 is documented as processing
+        (200, b'[{"status":"success","fileURL":"https://x/y?apiKey=k1234&taskId=1"}]', Succeeded("https://x/y?apiKey=REDACTED&taskId=1")),
+        (200, b'{"status":"cancelled"}', Failed("the API answered status 'cancelled'")),
+        (200, b'{"status":"rejected","failMsg":"nsfw"}', Failed("nsfw")),
+        (200, b'{"status":"success"}', Unrecognised("success", '{"status": "success"}')),
+        (200, b'{"status":"queued_for_review"}', Unrecognised("queued_for_review", '{"status": "queued_for_review"}')),
+    ],
+)
+def test_status_answers_are_read_as_documented_or_flagged(http: int, body: bytes, expected: object) -> None:
+    assert Client(api_key="k1234")._interpret(http, body, {}) == expected
