@@ -359,9 +359,14 @@ class Sandbox:
 
 
 @asynccontextmanager
-async def serve(config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[tuple[Sandbox, str]]:
-    """Run a sandbox on ``host:port`` (0: a free port) for the duration of the block; yields (sandbox, base URL)."""
-    sandbox = Sandbox(config)
+async def serve(
+    config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 0, clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[tuple[Sandbox, str]]:
+    """Run a sandbox on ``host:port`` (0: a free port) for the duration of the block; yields (sandbox, base URL).
+
+    ``clock`` is the simulated time tasks finish by (tests pass one they advance by hand).
+    """
+    sandbox = Sandbox(config, clock=clock)
     runner = web.AppRunner(sandbox.app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
