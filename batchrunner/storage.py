@@ -56,7 +56,7 @@ from obstore.store import AzureStore, GCSStore, S3Store
 from .errors import StorageError, StorageUnavailable, redact, register_secret
 
 PART_BYTES = 8 << 20  # multipart part size, and the size above which a file is sent in parts
-PART_CONCURRENCY = 4  # parts in flight per upload: at most PART_BYTES × this in memory
+PART_CONCURRENCY = 4  # parts in flight per upload: about PART_BYTES × (this + 1) in memory, whatever the file's size
 MAX_LIFETIME_S = 7 * 24 * 3600  # S3's longest presigned URL
 SIDECAR = ".json"
 # Environment variables whose values are secrets, per cloud (the names obstore reads).
@@ -146,7 +146,7 @@ class Storage(ABC):
         await self.aclose()
 
 
-def _read_parts(src: Path, sha256: str, size: int) -> Iterator[bytes]:
+def _read_parts(src: Path, sha256: str, size: int, part_bytes: int) -> Iterator[bytes]:
     """The file in parts, hashed on the way; raises at the end (aborting the upload) if it is not what was vouched for.
 
     Runs in the uploading worker thread; stops at the next part if the task that started
@@ -154,7 +154,7 @@ def _read_parts(src: Path, sha256: str, size: int) -> Iterator[bytes]:
     """
     digest, seen = hashlib.sha256(), 0
     with open(src, "rb") as f:
-        while chunk := f.read(PART_BYTES):
+        while chunk := f.read(part_bytes):
             anyio.from_thread.check_cancelled()
             digest.update(chunk)
             seen += len(chunk)
@@ -326,8 +326,13 @@ class ObjectStorage(Storage):
     cloud's own environment variables, as obstore reads them.
     """
 
-    def __init__(self, url: str, *, endpoint: str | None = None, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
+    def __init__(
+        self, url: str, *, endpoint: str | None = None, part_bytes: int = PART_BYTES, part_concurrency: int = PART_CONCURRENCY
+    ) -> None:
+        if part_bytes < 5 << 20:
+            raise StorageError(f"multipart parts are at least 5 MiB (S3's minimum), not {part_bytes} bytes")
+        self.part_bytes, self.part_concurrency = part_bytes, part_concurrency
+        env = os.environ
         for name in SECRET_VARIABLES:
             if env.get(name):
                 register_secret(env[name])
@@ -361,13 +366,15 @@ class ObjectStorage(Storage):
             attributes["Content-Type"] = content_type
 
         def put() -> None:
-            if size <= PART_BYTES:  # one PUT; a small file is read whole
+            if size <= self.part_bytes:  # one PUT; a small file is read whole
                 data = src.read_bytes()
                 _verify(src, hashlib.sha256(data).hexdigest(), len(data), sha256, size)
                 obstore.put(self.store, key, data, attributes=attributes, use_multipart=False)
             else:
-                parts = _read_parts(src, sha256, size)
-                obstore.put(self.store, key, parts, attributes=attributes, chunk_size=PART_BYTES, max_concurrency=PART_CONCURRENCY)
+                parts = _read_parts(src, sha256, size, self.part_bytes)
+                obstore.put(
+                    self.store, key, parts, attributes=attributes, chunk_size=self.part_bytes, max_concurrency=self.part_concurrency
+                )
 
         await self._call(f"storing {key}", put)
         self.puts += 1
@@ -480,11 +487,11 @@ def _service_message(exc: BaseException) -> str:
     return redact(said)
 
 
-def open_storage(url: str, *, endpoint: str | None = None, environ: Mapping[str, str] | None = None) -> Storage:
+def open_storage(url: str, *, endpoint: str | None = None) -> Storage:
     """The Storage a URL names: ``s3://``, ``gs://``, ``az://`` → ObjectStorage; a path or ``file://`` → LocalStorage."""
     scheme = urlsplit(url).scheme
     if scheme == "file":
         return LocalStorage(Path(urlsplit(url).path))
     if not scheme or len(scheme) == 1:  # a path (a Windows drive letter is not a scheme)
         return LocalStorage(Path(url))
-    return ObjectStorage(url, endpoint=endpoint, environ=environ)
+    return ObjectStorage(url, endpoint=endpoint)
