@@ -76,8 +76,8 @@ async def test_every_bad_source_url_is_a_validation_error_and_no_task() -> None:
             ({"model": "kling-video-turbo", "input": {"prompt": "p", "image_url": files + "/missing.png"}}, "input.image_url", "HTTP 404"),
             ({"model": "recraft-remove-bg", "input": {"image_url": files + "/share.html"}}, "input.image_url", "HTML page"),
             ({"model": "recraft-remove-bg", "input": {"image_url": files + "/page.bin"}}, "input.image_url", "HTML page"),
-            ({"model": "recraft-remove-bg", "input": {"image_url": files + "/notes.txt"}}, "input.image_url", "not an image, video or audio"),
-            ({"model": "runway-aleph", "input": {"prompt": "p", "video_url": "https://example.com/clip.mp4"}}, "input.video_url", "loopback"),
+            ({"model": "recraft-remove-bg", "input": {"image_url": files + "/notes.txt"}}, "input.image_url", "not an image, video"),
+            ({"model": "runway-aleph", "input": {"prompt": "p", "video_url": "https://example.com/a.mp4"}}, "input.video_url", "loopback"),
             ({"model": "midjourney", "prompt": "p", "imageUrl": files + "/notes.txt"}, "imageUrl", "not an image"),
             (
                 {"model": "flux-2", "input": {"prompt": "p"}, "imageURLList": json.dumps([files + "/photo.png", files + "/share.html"])},
@@ -101,7 +101,7 @@ async def test_accepted_sources_are_fetched_and_recorded_per_task() -> None:
             "input": {"image_url": files + "/photo.png?X-Amz-Signature=abc", "video_url": files + "/photo.png"},
             "callBackUrl": "https://example.com/hook",  # a callback, not media: never fetched
         }
-        status, answer = await post(url, body)
+        _, answer = await post(url, body)
         tid = task_id(answer)
         assert sandbox.stats.inputs_fetched == 2 and sandbox.stats.tasks_created == 1
         async with aiohttp.ClientSession() as s, s.get(url + "/_sandbox/tasks") as r:
@@ -130,7 +130,7 @@ async def test_images_follow_the_requested_aspect_ratio() -> None:
 
 async def test_an_edit_keeps_the_input_colours_at_the_requested_ratio() -> None:
     async with serve(SandboxConfig(time_scale=0.0001)) as (_, url), serve_files(FILES) as files:
-        body = {"model": "flux-kontext-pro", "input": {"prompt": "make it glossy", "image_url": files + "/photo.png", "aspect_ratio": "16:9"}}
+        body = {"model": "flux-kontext-pro", "input": {"prompt": "glossy", "image_url": files + "/photo.png", "aspect_ratio": "16:9"}}
         data, _ = await result(url, task_id((await post(url, body))[1]))
         pic = decode_png(data)
         assert pic is not None and pic.width * 9 == pic.height * 16
@@ -141,7 +141,8 @@ async def test_an_edit_keeps_the_input_colours_at_the_requested_ratio() -> None:
 
 async def test_a_cut_out_keeps_the_input_pixels_with_transparency() -> None:
     async with serve(SandboxConfig(time_scale=0.0001)) as (_, url), serve_files(FILES) as files:
-        data, _ = await result(url, task_id((await post(url, {"model": "recraft-remove-bg", "input": {"image_url": files + "/photo.png"}}))[1]))
+        body = {"model": "recraft-remove-bg", "input": {"image_url": files + "/photo.png"}}
+        data, _ = await result(url, task_id((await post(url, body))[1]))
         assert data[25] == 6  # PNG colour type 6: RGBA
         pic = decode_png(data)
         assert pic is not None and (pic.width, pic.height) == (60, 40)
@@ -178,3 +179,16 @@ async def test_large_chunked_videos_for_the_streaming_download_path() -> None:
         while pos < len(data):
             pos += struct.unpack(">I", data[pos : pos + 4])[0]
         assert pos == len(data)
+
+
+async def test_inputs_it_cannot_decode_still_shape_the_result() -> None:
+    """A JPEG (no decoder without a library) gives colours from a hash of its bytes: the same photo, the same look."""
+    jpegs = {name: (200, "image/jpeg", b"\xff\xd8\xff\xe0" + name.encode() * 50) for name in ("a.jpg", "b.jpg")}
+    async with serve(SandboxConfig(time_scale=0.0001)) as (_, url), serve_files(jpegs) as files:
+        looks = []
+        for name in ("a.jpg", "b.jpg", "a.jpg"):
+            body = {"model": "flux-kontext-pro", "input": {"prompt": "same prompt", "image_url": f"{files}/{name}", "aspect_ratio": "1:1"}}
+            pic = decode_png((await result(url, task_id((await post(url, body))[1])))[0])
+            assert pic is not None
+            looks.append(pic.rgba)
+        assert looks[0] == looks[2] != looks[1]

@@ -135,7 +135,7 @@ async def test_unreachable_or_refusing_storage_is_one_clear_error_without_secret
     assert wrong not in text and s3.secret_key not in text
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.secret_key)
     dead = ObjectStorage(s3.url("p"), endpoint=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(StorageUnavailable, match="(?i)connection refused"):
+    with pytest.raises(StorageUnavailable, match=r"(?i)connection refused"):
         await dead.check()
     with pytest.raises(StorageError, match="s3://, gs:// or az://"):
         open_storage("ftp://bucket/prefix")
