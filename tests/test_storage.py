@@ -19,7 +19,7 @@ import obstore
 import pytest
 
 from batchrunner.errors import InputError, StorageError, StorageUnavailable
-from batchrunner.inputs import Inputs, LoopbackStorage, inspect
+from batchrunner.inputs import Inputs, LoopbackStorage, inspect, resolve, token, tokens
 from batchrunner.sandbox import SandboxConfig, serve
 from batchrunner.storage import PART_BYTES, LocalStorage, ObjectStorage, Stored, complete, open_storage
 
@@ -264,3 +264,21 @@ async def test_presign_lifetime_is_bounded(s3: S3Server) -> None:
     store = ObjectStorage(s3.url("p"))
     with pytest.raises(StorageError, match="7 days"):
         await store.presign("a.png", timedelta(days=8).total_seconds())
+
+
+def test_a_body_holds_tokens_until_sent_so_ids_follow_content_not_urls(tmp_path: Path) -> None:
+    a = inspect(write(tmp_path / "a.png", make_png(4, 4, red_square)))
+    b = inspect(write(tmp_path / "b.png", make_png(4, 4, lambda x, y: (0, 0, 255))))
+    body = {
+        "model": "m",
+        "input": {"image_url": token(a), "prompt": token(a) + " is not a URL here"},
+        "imageURLList": json.dumps([token(b)]),
+    }
+    assert tokens(body) == {token(a), token(b)}
+    urls = {token(a): "http://127.0.0.1:1/a.png?sig=1&x=2", token(b): 'http://127.0.0.1:1/b.png?q="'}
+    sent = resolve(body, urls)
+    assert sent["input"]["image_url"] == urls[token(a)]
+    assert json.loads(sent["imageURLList"]) == [urls[token(b)]]  # still valid JSON inside the string
+    assert tokens(sent) == set() and body["input"]["image_url"] == token(a)  # the body itself is unchanged
+    write(tmp_path / "a.png", make_png(4, 4, lambda x, y: (1, 2, 3)))  # the photo replaced: a new token
+    assert token(inspect(tmp_path / "a.png")) != token(a)
