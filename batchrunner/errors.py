@@ -3,6 +3,9 @@
     BatchRunnerError
     ├── ManifestError            bad input: a list of file:line problems (exit 2)
     ├── StateError               the output directory cannot be used (locked, another campaign)
+    ├── InputError               a local input file cannot be sent (missing, a folder, empty, not media)
+    ├── StorageError             a result or input could not be stored or read: fail that job
+    │   └── StorageUnavailable   nothing can be stored at all (unreachable, refused, disk full): stop the run
     └── ApiError                 anything the Cliprise API (or the way to it) said
         ├── TransientApiError    5xx, HTML 502, dropped connection, timeout on a safe request: retry
         │   ├── RateLimited      429; ``.retry_after_s`` slows the whole run
@@ -79,6 +82,22 @@ class ManifestError(BatchRunnerError):
 
 class StateError(BatchRunnerError):
     """The output directory's state cannot be used as asked (locked by another run, another campaign)."""
+
+
+class InputError(BatchRunnerError):
+    """A local input file cannot be sent; ``path`` is the file. The manifest layer adds the file:line naming it."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class StorageError(BatchRunnerError):
+    """One object could not be stored, listed or read (a folder where a file is needed, a refused write)."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage cannot be used at all (unreachable, credentials refused, no such bucket, disk full)."""
 
 
 class ApiError(BatchRunnerError):

@@ -13,6 +13,8 @@ import aiohttp
 
 from batchrunner.sandbox import SandboxConfig, serve
 
+from .conftest import make_png, serve_files
+
 HOST = {"Host": "business.api.cliprise.app"}
 KEY = "sandbox-key"
 
@@ -120,10 +122,11 @@ async def test_validation_errors_are_http_200_with_code_400() -> None:
 
 
 async def test_stringified_fields_and_root_only_models_are_accepted() -> None:
-    async with serve(SandboxConfig(shape="object")) as (_, url):
+    photo = make_png(8, 8, lambda x, y: (x * 30, y * 30, 90))
+    async with serve(SandboxConfig(shape="object")) as (_, url), serve_files({"a.png": (200, "image/png", photo)}) as files:
         status, raw = await post(
             url,
-            {"model": "flux-2", "input": {"prompt": "x"}, "options": '{"tier":"pro"}', "imageURLList": '["https://e.com/a.png"]'},
+            {"model": "flux-2", "input": {"prompt": "x"}, "options": '{"tier":"pro"}', "imageURLList": json.dumps([files + "/a.png"])},
         )
         assert status == 200 and json.loads(raw)["code"] == 200  # the bare-object shape
         status, raw = await post(url, {"model": "midjourney", "prompt": "a poster", "options": '{"aspect_ratio":"2:3"}'})

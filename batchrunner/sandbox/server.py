@@ -11,27 +11,40 @@ Faults are drawn per request from the same seeded generator: 429 with Retry-Afte
 (seconds or HTTP date), JSON 503, an HTML 502 page, a dropped connection (on generate,
 sometimes after the task was created: the ambiguous case), truncated downloads.
 
-``/_sandbox/stats`` (not part of the API) exposes the counters tests assert on.
+Source media are checked as the API must (``shared/cliprise-api.md``, "Source media"): every
+``*_url``/``*Url`` field at the root or under ``input``, and each URL in the stringified
+``imageURLList``/``videoURLList``, is fetched before a task is created; a URL that is not
+http(s), cannot be fetched, answers non-2xx or an HTML page, or is not media is a validation
+error. The sandbox fetches loopback addresses only. Results derive from their inputs (see
+``media.py``), and images follow the requested aspect ratio.
+
+``/_sandbox/stats`` and ``/_sandbox/tasks`` (not part of the API) expose what tests assert on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import hashlib
+import ipaddress
 import json
 import math
 import random
+import re
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
+import aiohttp
 from aiohttp import web
 
 from ..catalog import STRINGIFIED, Catalog, load_catalog
+from ..inputs import KINDS, media_type
 from . import media
 
 API_HOST = "business.api.cliprise.app"
@@ -70,6 +83,10 @@ class SandboxConfig:
     image_size: int = 96
     catalog_file: Path | None = None
     tasks_file: Path | None = None  # remember tasks across restarts, as the real API does (embedded use)
+    input_timeout_s: float = 10.0  # fetching one source media URL
+    input_max_bytes: int = 64 << 20  # a sandbox limit (the API's is not public)
+    video_min_bytes: int = 0  # video results padded to at least this size (> 1 MiB exercises streamed downloads)
+    chunked_media: bool = False  # results sent without Content-Length (chunked), as some CDNs do
 
 
 @dataclass(slots=True)
@@ -82,6 +99,8 @@ class Task:
     fail_reason: str | None
     terminal_seen: bool = False
     seen_at: float | None = None  # when a status call first reported the outcome
+    inputs: tuple[tuple[str, str], ...] = ()  # (field, sha256) of each source media fetched
+    aspect_ratio: str | None = None
 
 
 @dataclass(slots=True)
@@ -99,6 +118,9 @@ class Stats:
     rate_limited: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     generate_times: list[float] = field(default_factory=list)
+    inputs_fetched: int = 0  # source media URLs fetched and accepted
+    inputs_refused: int = 0  # generate requests refused for a source media URL
+    inputs_by_sha: Counter[str] = field(default_factory=Counter)  # fetches per content
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -113,6 +135,9 @@ class Stats:
             "rate_limited": self.rate_limited,
             "faults": dict(self.faults),
             "max_generate_per_s": max_per_window(self.generate_times, 1.0),
+            "inputs_fetched": self.inputs_fetched,
+            "inputs_refused": self.inputs_refused,
+            "inputs_by_sha": dict(self.inputs_by_sha),
         }
 
 
@@ -143,12 +168,16 @@ class Sandbox:
         self.stats = Stats()
         self.credits = config.credits
         self._window: deque[float] = deque()
+        self._session: aiohttp.ClientSession | None = None  # fetches source media
+        self._pictures: OrderedDict[str, media.Picture] = OrderedDict()  # source images by sha256, most recent last
         if config.tasks_file is not None:
             self._load_tasks(config.tasks_file)
         self.app = web.Application()
         self.app.router.add_post("/app/cliprise/generate", self.generate)
         self.app.router.add_get("/app/cliprise/status", self.status)
         self.app.router.add_get("/_sandbox/stats", self.stats_view)
+        self.app.router.add_get("/_sandbox/tasks", self.tasks_view)
+        self.app.on_cleanup.append(self._close_session)
 
     # -- helpers ---------------------------------------------------------------------------
     def _load_tasks(self, path: Path) -> None:
@@ -158,7 +187,10 @@ class Sandbox:
         for line in path.read_text().splitlines():
             try:
                 t = json.loads(line)
-                self.tasks[t["id"]] = Task(t["model"], t["modality"], t["prompt"], t["created"] + offset, t["finish"] + offset, t["fail"])
+                self.tasks[t["id"]] = Task(
+                    t["model"], t["modality"], t["prompt"], t["created"] + offset, t["finish"] + offset, t["fail"],
+                    inputs=tuple(t.get("inputs", {}).items()), aspect_ratio=t.get("aspect"),
+                )  # fmt: skip
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a kill
 
@@ -166,7 +198,8 @@ class Sandbox:
         assert self.config.tasks_file is not None
         offset = time.time() - self.clock()
         record = {"id": task_id, "model": task.model, "modality": task.modality, "prompt": task.prompt,
-                  "created": task.created + offset, "finish": task.finish_at + offset, "fail": task.fail_reason}  # fmt: skip
+                  "created": task.created + offset, "finish": task.finish_at + offset, "fail": task.fail_reason,
+                  "inputs": dict(task.inputs), "aspect": task.aspect_ratio}  # fmt: skip
         with self.config.tasks_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -290,6 +323,10 @@ class Sandbox:
         error, modality, prompt = self._validate(body)
         if error:
             return self._validation(error)
+        error, inputs = await self._fetch_sources(body)
+        if error:
+            self.stats.inputs_refused += 1
+            return self._validation(error)
         if self.credits is not None:
             if self.credits < self.config.price:
                 return self._json({"code": 402, "msg": "Insufficient credits"}, 402)
@@ -299,7 +336,9 @@ class Sandbox:
         duration = self.rng.lognormvariate(math.log(median), sigma) * self.config.time_scale
         fail = "content policy violation: the prompt was rejected" if self.rng.random() < self.config.failure_rate else None
         now = self.clock()
-        task = self.tasks[task_id] = Task(str(body["model"]), modality, prompt, now, now + duration, fail)
+        task = self.tasks[task_id] = Task(
+            str(body["model"]), modality, prompt, now, now + duration, fail, inputs=inputs, aspect_ratio=_aspect(body)
+        )
         if self.config.tasks_file is not None:
             self._save_task(task_id, task)
         self.stats.tasks_created += 1
@@ -347,15 +386,169 @@ class Sandbox:
             await resp.prepare(request)
             await resp.write(data[: len(data) // 2])
             return self._drop(request)
-        return web.Response(status=200, body=data, content_type=ctype)
+        return await self._send(request, data, ctype)
+
+    async def _send(self, request: web.Request, data: bytes, ctype: str) -> web.StreamResponse:
+        if not self.config.chunked_media:
+            return web.Response(status=200, body=data, content_type=ctype)
+        resp = web.StreamResponse(status=200, headers={"Content-Type": ctype})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(data), 64 << 10):
+            await resp.write(data[i : i + (64 << 10)])
+        await resp.write_eof()
+        return resp
 
     def _media(self, task: Task, task_id: str) -> tuple[bytes, str]:
+        """The task's result: derived from its first source image when there is one (and it is still known)."""
+        source = next((self._pictures[sha] for _, sha in task.inputs if sha in self._pictures), None)
+        size = self.config.image_size
+        wanted = task.aspect_ratio or (f"{source.width}:{source.height}" if source else None)
         if task.modality == "image":
-            return media.png(task.prompt, task_id, self.config.image_size), media.CONTENT_TYPES["image"]
+            if source is None:
+                return media.png(task.prompt, task_id, size, task.aspect_ratio), media.CONTENT_TYPES["image"]
+            if any(word in task.model for word in CUT_OUT_MODELS):
+                return media.cut_out(source, task_id), media.CONTENT_TYPES["image"]
+            return media.edited(source, task.prompt, task_id, media.size_for(wanted, size)), media.CONTENT_TYPES["image"]
+        if task.modality == "video":
+            data = media.video_of(source, task_id, media.size_for(wanted, size)) if source else media.mp4(task.prompt, task_id)
+            return media.padded(data, self.config.video_min_bytes), media.CONTENT_TYPES["video"]
         return media.render(task.modality, task.prompt, task_id)
+
+    # -- source media ----------------------------------------------------------------------
+    async def _fetch_sources(self, body: dict[str, Any]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+        """Fetch every source media URL the body names: (the first problem as a validation message, or None; (field, sha256)s)."""
+        fetched = []
+        for name, url in source_urls(body):
+            error, sha = await self._fetch_source(name, url)
+            if error:
+                return error, ()
+            assert sha is not None
+            fetched.append((name, sha))
+        return None, tuple(fetched)
+
+    async def _fetch_source(self, name: str, url: Any) -> tuple[str | None, str | None]:
+        if _host(url) is None:
+            return f"{name}: must be a direct http(s) URL of a file, not {_shown(url)}", None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=self.config.input_timeout_s))
+        for _ in range(MAX_REDIRECTS + 1):
+            host = _host(url) or ""
+            if not _loopback(host):
+                return f"{name}: the sandbox only fetches loopback addresses (127.0.0.1, ::1, localhost), not {host}", None
+            try:
+                async with self._session.get(url, allow_redirects=False) as resp:
+                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                        url = urljoin(url, resp.headers["Location"])
+                        continue
+                    if not 200 <= resp.status < 300:
+                        return f"{name}: {_shown(url)} answered HTTP {resp.status}; the API needs a public, direct file URL", None
+                    data = bytearray()
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        data += chunk
+                        if len(data) > self.config.input_max_bytes:
+                            return f"{name}: {_shown(url)} is larger than the sandbox's {self.config.input_max_bytes} bytes", None
+                    html = resp.content_type == "text/html"
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                return f"{name}: {_shown(url)} could not be fetched ({type(exc).__name__})", None
+            head = bytes(data[:64])
+            if html or head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+                return f"{name}: {_shown(url)} is an HTML page, not a media file (a share page? link the file itself)", None
+            ext = media_type(head)
+            if ext is None:
+                return f"{name}: {_shown(url)} is not an image, video or audio file", None
+            sha = hashlib.sha256(data).hexdigest()
+            self.stats.inputs_fetched += 1
+            self.stats.inputs_by_sha[sha] += 1
+            if KINDS[ext] == "image" and sha not in self._pictures:
+                self._pictures[sha] = await asyncio.to_thread(media.picture_of, bytes(data))
+                while len(self._pictures) > PICTURES_KEPT:
+                    self._pictures.popitem(last=False)
+            if sha in self._pictures:
+                self._pictures.move_to_end(sha)
+            return None, sha
+        return f"{name}: {_shown(url)} redirects more than {MAX_REDIRECTS} times", None
+
+    async def _close_session(self, app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def stats_view(self, request: web.Request) -> web.Response:
         return self._json(self.stats.as_json())
+
+    async def tasks_view(self, request: web.Request) -> web.Response:
+        """Each task's model, aspect ratio and the sha256 of every source media the sandbox fetched for it."""
+        return self._json({tid: {"model": t.model, "modality": t.modality, "aspect_ratio": t.aspect_ratio, "inputs": dict(t.inputs)}
+                           for tid, t in self.tasks.items()})  # fmt: skip
+
+
+MAX_REDIRECTS = 5
+_RATIO = re.compile(r"\d+\s*[:xX]\s*\d+")
+PICTURES_KEPT = 64
+CUT_OUT_MODELS = ("remove-bg", "removebg", "background-remov", "cutout", "cut-out")
+NOT_SOURCES = ("callBackUrl",)  # ends in Url, but is where the API calls back, not media
+
+
+def source_urls(body: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(field, URL) of every source media a generate body names: ``*_url``/``*Url`` fields at the root or
+    under ``input`` (each item of a list value), and each URL in the stringified imageURLList/videoURLList."""
+    found: list[tuple[str, Any]] = []
+    nested = body.get("input")
+    for where, fields in (("", body), ("input.", nested if isinstance(nested, dict) else {})):
+        for key, value in fields.items():
+            if key in NOT_SOURCES or not (key.endswith("_url") or key.endswith("Url")):
+                continue
+            if isinstance(value, list):
+                found.extend((f"{where}{key}[{i}]", v) for i, v in enumerate(value))
+            else:
+                found.append((where + key, value))
+    for key in ("imageURLList", "videoURLList"):
+        if isinstance(body.get(key), str):
+            urls = json.loads(body[key])  # _validate checked it is a JSON array of strings
+            found.extend((f"{key}[{i}]", u) for i, u in enumerate(urls))
+    return found
+
+
+def _aspect(body: dict[str, Any]) -> str | None:
+    """The requested aspect ratio (``aspect_ratio``, or a ``size`` of WxH), in ``input``, at the root, or in ``options``."""
+    places: list[Any] = [body.get("input"), body]
+    if isinstance(body.get("options"), str):
+        places.append(json.loads(body["options"]))
+    for fields in places:
+        if isinstance(fields, dict):
+            for key in ("aspect_ratio", "size"):
+                if isinstance(fields.get(key), str) and _RATIO.fullmatch(fields[key]):
+                    return str(fields[key])
+    return None
+
+
+def _host(url: Any) -> str | None:
+    """The host of an http(s) URL, or None if ``url`` is not one."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        return parts.hostname if parts is not None and parts.scheme in ("http", "https") else None
+    except ValueError:
+        return None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _shown(url: Any) -> str:
+    """A URL as messages show it: without its query (a presigned URL's signature stays out of logs)."""
+    if not isinstance(url, str):
+        return repr(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return repr(url[:80])
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme and parts.netloc else repr(url[:80])
 
 
 @asynccontextmanager
