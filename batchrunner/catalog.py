@@ -39,12 +39,12 @@ SHIPPED = Path(__file__).with_name("catalog.csv")
 MODALITIES = ("image", "video", "audio")
 # Fields that the API wants as JSON *strings* at the body root, whatever the input style.
 STRINGIFIED: dict[str, type] = {"options": dict, "imageURLList": list, "videoURLList": list}
-_COLUMN_ALIASES = {
-    "model": "id", "model_id": "id", "model id": "id", "route": "id",
+_COLUMN_ALIASES = {  # header cells are compared lower-cased, with spaces and dashes as "_"
+    "model": "id", "model_id": "id", "route": "id",
     "type": "modality", "media": "modality", "media_type": "modality", "category": "modality", "output": "modality",
-    "input": "input_style", "input_type": "input_style", "input style": "input_style", "request_style": "input_style",
+    "input": "input_style", "input_type": "input_style", "request_style": "input_style",
     "price": "credits", "cost": "credits", "credits_per_job": "credits", "credits_per_run": "credits",
-    "alias": "alias_of", "alias_for": "alias_of", "alias of": "alias_of",
+    "alias": "alias_of", "alias_for": "alias_of",
     "required_fields": "required", "required_params": "required", "required_parameters": "required",
     "params": "parameters", "fields": "parameters", "inputs": "parameters",
 }  # fmt: skip
@@ -105,7 +105,8 @@ def _parse_rows(path: Path, problems: list[Problem]) -> dict[str, Model]:
         return {}
     reader = csv.DictReader(text.splitlines())
     try:
-        header = [(_COLUMN_ALIASES.get(h.strip().lower(), h.strip().lower())) for h in reader.fieldnames or []]
+        cells = [h.strip().lower().replace(" ", "_").replace("-", "_") for h in reader.fieldnames or []]
+        header = [_COLUMN_ALIASES.get(cell, cell) for cell in cells]
     except csv.Error as exc:
         problems.append(Problem(str(path), 1, f"the header cannot be read as CSV: {exc}"))
         return {}

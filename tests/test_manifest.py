@@ -290,7 +290,8 @@ def test_warnings_name_what_looks_wrong_and_travel_with_errors(write, capsys) ->
     )
     warnings = expand(load(m), CATALOG).warnings
     assert warnings == [
-        f"{m}:4: input fields spelt several ways: aspectratio (line 4), aspect_ratio (line 7) — if one is misspelt, the model may ignore it",
+        f"{m}:4: input fields spelt several ways: aspectratio (line 4), aspect_ratio (line 7) — "
+        "if one is misspelt, the model may ignore it",
         f"{m}:2: model 'flux2' is not in the catalog — did you mean 'flux-2'? It will be sent as written",
         f"{m}:4: jobs[0].input.promt: did you mean 'prompt'? It will be sent as written",
     ]
@@ -309,7 +310,9 @@ def test_a_loaded_catalog_is_enforced_as_given(write, capsys) -> None:  # type: 
         "model_id,name,type,input_type,credits,required_fields,params\n"
         "flux-2,FLUX.2,Image,standard-input,4,prompt,prompt;aspect_ratio=1:1|16:9\n",
     )
-    m = write("m.yaml", "jobs:\n  - model: flux-2\n    prompt: a\n    input: {aspect_ratio: '5:7', aspectratio: '1:1'}\n  - model: flux-2\n")
+    m = write(
+        "m.yaml", "jobs:\n  - model: flux-2\n    prompt: a\n    input: {aspect_ratio: '5:7', aspectratio: '1:1'}\n  - model: flux-2\n"
+    )
     assert main(["plan", str(m), "--catalog", str(catalog)]) == 2
     err = capsys.readouterr().err
     assert f"error: {m}:4: jobs[0]: aspect_ratio='5:7' is not accepted by flux-2 (accepted: 1:1, 16:9)" in err
@@ -339,7 +342,10 @@ def test_rows_multiply_only_the_jobs_that_use_their_columns(write) -> None:  # t
 
 
 def test_yaml_values_stay_text_where_yaml_1_1_would_guess(write) -> None:  # type: ignore[no-untyped-def]
-    m = write("m.yaml", "vars: {day: 2024-05-01, ratio: 16:9}\njobs:\n  - {model: flux-2, prompt: '{day}', input: {aspect_ratio: '{ratio}', n: 4}}\n")
+    m = write(
+        "m.yaml",
+        "vars: {day: 2024-05-01, ratio: 16:9}\njobs:\n  - {model: flux-2, prompt: '{day}', input: {aspect_ratio: '{ratio}', n: 4}}\n",
+    )
     (spec,) = specs(m)
     assert spec.body["input"] == {"prompt": "2024-05-01", "aspect_ratio": "16:9", "n": 4}
 

@@ -49,9 +49,15 @@ BOMBS = [
         ":51: nested more than 50 levels deep once its aliases (*name) are expanded — flatten it",
     ),
     ("jobs:\n  - model: flux-2\n    prompt: x\n    input: {deep: " + "[" * 300 + "]" * 300 + "}\n", ":4: nested more than 50 levels deep"),
-    ("jobs:\n  - model: flux-2\n    prompt: x\n    input:\n" + "".join("  " * (i + 3) + f"k{i}:\n" for i in range(300)), ":51: nested more"),
+    (
+        "jobs:\n  - model: flux-2\n    prompt: x\n    input:\n" + "".join("  " * (i + 3) + f"k{i}:\n" for i in range(300)),
+        ":51: nested more",
+    ),
     ("vars:\n  a: &a [x, *a]\n" + JOB, ":2: an alias (*name) refers to the list or mapping that contains it — it would never end"),
-    ("jobs:\n  - model: flux-2\n    prompt: 'a\x07b'\n", ":3: the character U+0007 is not allowed in YAML — delete it, or write it as an escape"),
+    (
+        "jobs:\n  - model: flux-2\n    prompt: 'a\x07b'\n",
+        ":3: the character U+0007 is not allowed in YAML — delete it, or write it as an escape",
+    ),
     ("jobs:\n  - model: flux-2\n\n    prompt: a\x00b\n", ":4: the character U+0000 is not allowed in YAML"),
     ("jobs:\n  - model: flux-2\n    prompt: 'a\x85\x9f'\n", ":3: the character U+009F is not allowed in YAML"),
 ]
@@ -112,7 +118,9 @@ def test_a_broken_catalog_is_a_file_line_error(tmp_path: Path) -> None:
     catalog = tmp_path / "c.csv"
     catalog.write_bytes(b"id,modality\nflux-9,image\nflux-\xff,image\n")
     _, problems = load_catalog(catalog)
-    assert [str(p) for p in problems] == [f"{catalog}:3: the catalog (--catalog / BATCHRUNNER_CATALOG) is not UTF-8 text (byte 0xff) — save it as UTF-8"]
+    assert [str(p) for p in problems] == [
+        f"{catalog}:3: the catalog (--catalog / BATCHRUNNER_CATALOG) is not UTF-8 text (byte 0xff) — save it as UTF-8"
+    ]
     catalog.write_text("id,modality\nflux-9,image\nflux-x," + "m" * 200_000 + "\n")
     _, problems = load_catalog(catalog)
     assert [str(p)[: len(str(catalog)) + 3] for p in problems] == [f"{catalog}:3:"]

@@ -89,12 +89,9 @@ async def test_validation_errors_are_http_200_with_code_400() -> None:
     cases = [
         ({"input": {"prompt": "x"}}, "model"),
         ({"model": "flux-2"}, "input"),
-        ({"model": "flux-2", "input": {}}, "prompt"),
         ({"model": "no-such-model", "input": {"prompt": "x"}}, "model"),
         ({"model": "flux-2", "input": {"prompt": "x"}, "options": {"tier": "pro"}}, "options"),
         ({"model": "flux-2", "input": {"prompt": "x"}, "imageURLList": '{"a": 1}'}, "imageURLList"),
-        ({"model": "flux-2", "input": {"prompt": "x", "aspect_ratio": "5:7"}}, "aspect_ratio"),
-        ({"model": "midjourney", "input": {"prompt": "x"}}, "input"),
     ]
     async with serve(SandboxConfig()) as (sandbox, url):
         for body, field in cases:
@@ -105,15 +102,13 @@ async def test_validation_errors_are_http_200_with_code_400() -> None:
         assert sandbox.stats.tasks_created == 0  # no credits used
 
 
-async def test_stringified_fields_and_root_only_models_are_accepted() -> None:
+async def test_stringified_fields_are_accepted() -> None:
     async with serve(SandboxConfig(shape="object")) as (_, url):
         status, raw = await post(
             url,
             {"model": "flux-2", "input": {"prompt": "x"}, "options": '{"tier":"pro"}', "imageURLList": '["https://e.com/a.png"]'},
         )
         assert status == 200 and json.loads(raw)["code"] == 200  # the bare-object shape
-        status, raw = await post(url, {"model": "midjourney", "prompt": "a poster", "options": '{"aspect_ratio":"2:3"}'})
-        assert status == 200 and "taskId" in json.loads(raw)
 
 
 async def test_empty_body_validation_error_and_402() -> None:
