@@ -636,8 +636,8 @@ def expand(
         expansion.problem(
             manifest.file,
             line,
-            f"the manifest makes {total:,} jobs, more than the limit of {limit:,} — raise it with 'max_jobs:' "
-            "(or --max-jobs), or split the campaign",
+            f"the manifest makes {total:,} jobs, more than the limit of {limit:,} — raise it with 'max_jobs:' in the manifest, "
+            "or split the campaign",
         )
     else:
         for job in prepared:

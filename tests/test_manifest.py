@@ -205,7 +205,7 @@ BROKEN = [
     ),
     (
         "max_jobs: 5\nmatrix: {a: [1, 2, 3], b: [1, 2, 3]}\njobs:\n  - {model: flux-2, prompt: '{a} {b}'}\n",
-        "m.yaml:1: the manifest makes 9 jobs, more than the limit of 5 — raise it with 'max_jobs:' (or --max-jobs), or split the campaign",
+        "m.yaml:1: the manifest makes 9 jobs, more than the limit of 5 — raise it with 'max_jobs:' in the manifest, or split the campaign",
     ),
     # values YAML can hold but a request cannot
     ("jobs:\n  - model: flux-2\n    prompt: !!binary aGVsbG8=\n", "m.yaml:3: the tag !!binary is not supported"),
