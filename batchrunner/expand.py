@@ -333,6 +333,8 @@ class _Expansion:
         self.seen_ids: dict[str, JobSpec] = {}
         self.seen_paths: dict[str, JobSpec] = {}  # folded path → the spec writing it
         self.folders: dict[str, JobSpec] = {}  # folded folder → a spec writing inside it
+        self.ext_stems: dict[str, JobSpec] = {}  # folded path before ".{ext}" → its spec
+        self.literal_stems: dict[str, JobSpec] = {}  # folded path before a written extension → its spec
         self.models: dict[str, Model | None] = {}
         self.checked_fields: set[tuple[str, str]] = set()
         self.top_combos: dict[tuple[bool, tuple[str, ...]], list[dict[str, Any]]] = {}
@@ -573,6 +575,22 @@ class _Expansion:
                 "a name cannot be both; change one of the paths",
             )
             return
+        # x.{ext} becomes x.png for a PNG: it may meet a path written with its extension
+        ext_stem = literal_stem = None
+        if rel.endswith(f".{EXT}"):
+            ext_stem = key[: -len(EXT) - 1]
+            other = self.literal_stems.get(ext_stem)
+        elif rel.rfind(".") > rel.rfind("/"):
+            literal_stem = _fold(rel[: rel.rfind(".")])
+            other = self.ext_stems.get(literal_stem)
+        if other is not None:
+            self.problem(
+                file,
+                job.fields.line,
+                f"{where} writes to {rel}, and the job on line {other.line} writes {other.path}: they are one file whenever "
+                "the result has that extension — give them different names",
+            )
+            return
         folders = [_fold(rel[:i]) for i in _slashes(rel)] if "/" in rel else []
         for folder in folders:
             other = self.seen_paths.get(folder)
@@ -586,6 +604,10 @@ class _Expansion:
                 return
         for folder in folders:
             self.folders.setdefault(folder, spec)
+        if ext_stem is not None:
+            self.ext_stems.setdefault(ext_stem, spec)
+        elif literal_stem is not None:
+            self.literal_stems.setdefault(literal_stem, spec)
         self.seen_ids[jid] = self.seen_paths[key] = spec
         self.specs.append(spec)
 
