@@ -30,6 +30,7 @@ from .manifest import JobDef, LineDict, Manifest
 
 DEFAULT_PATH = "{job_id}.{ext}"
 EXT = "{ext}"  # kept in a spec's path until the downloaded file's real type is known
+_DOT_EXT = "." + EXT
 SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext")
 
 # Bounds (the README lists them). A prompt far longer than any model reads, or a body that
@@ -202,6 +203,7 @@ _PLAIN_SEGMENT = r"[\w\-{}]+(?:\.[\w\-{}]+)*"  # no empty, '.', '..', hidden or 
 _PLAIN_PATH = re.compile(f"{_PLAIN_SEGMENT}(?:/{_PLAIN_SEGMENT})*")
 # Characters that are refused in a path, not replaced: they hide what a name really is
 # (C0/C1 controls, DEL, and the bidirectional marks and overrides that reorder what is shown).
+_OWN_FOLDER = re.compile(r"\.(?:json|tmp|part)/")
 _HIDING = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
@@ -234,7 +236,7 @@ def safe_path(path: str) -> str:
         first = path.split("/", 1)[0]
         if first.lower() in REPORT_NAMES:
             raise ValueError(f"is {first}, which batchrunner writes itself — choose another name")
-    if low.endswith(OWN_SUFFIXES) or any(f"{suffix}/" in low for suffix in OWN_SUFFIXES):
+    if low.endswith(OWN_SUFFIXES) or ("/" in low and _OWN_FOLDER.search(low)):
         segment = next(s for s in path.split("/") if s.lower().endswith(OWN_SUFFIXES))
         raise ValueError(
             f"has a name ending in {segment[segment.rindex('.') :]} ({segment}) — names ending .json, .tmp and .part "
@@ -333,7 +335,6 @@ class _Expansion:
         self.seen_ids: dict[str, JobSpec] = {}
         self.seen_paths: dict[str, JobSpec] = {}  # folded path → the spec writing it
         self.folders: dict[str, JobSpec] = {}  # folded folder → a spec writing inside it
-        self.ext_stems: dict[str, JobSpec] = {}  # folded path before ".{ext}" → its spec
         self.literal_stems: dict[str, JobSpec] = {}  # folded path before a written extension → its spec
         self.models: dict[str, Model | None] = {}
         self.checked_fields: set[tuple[str, str]] = set()
@@ -449,6 +450,7 @@ class _Expansion:
         job_combos = _combos(job.job_matrix)
         callback = fields.get("callback_url", manifest.callback_url)
         path_names = templates.names(job.path_tpl)
+        named: set[str] = set()
         for top in top_combos:
             for jc in job_combos:
                 if len(self.problems) >= MAX_PROBLEMS:
@@ -481,7 +483,9 @@ class _Expansion:
                     continue
                 if not self.check_prompt(job, inputs):
                     return  # the same problem would repeat for every combination
-                self.check_field_names(job, model, model_name, inputs)
+                if model_name not in named:  # a job's field names are the same in every combination
+                    named.add(model_name)
+                    self.check_field_names(job, model, model_name, inputs)
                 if model is not None:
                     for text in check_fields(model, inputs):
                         self.problem(file, fields.line_of("input") if "input" in fields else fields.line, f"{where}: {text}")
@@ -576,13 +580,13 @@ class _Expansion:
             )
             return
         # x.{ext} becomes x.png for a PNG: it may meet a path written with its extension
-        ext_stem = literal_stem = None
-        if rel.endswith(f".{EXT}"):
-            ext_stem = key[: -len(EXT) - 1]
-            other = self.literal_stems.get(ext_stem)
+        literal_stem = None
+        if rel.endswith(_DOT_EXT):
+            if self.literal_stems:
+                other = self.literal_stems.get(key[: -len(_DOT_EXT)])
         elif rel.rfind(".") > rel.rfind("/"):
             literal_stem = _fold(rel[: rel.rfind(".")])
-            other = self.ext_stems.get(literal_stem)
+            other = self.seen_paths.get(literal_stem + _DOT_EXT)
         if other is not None:
             self.problem(
                 file,
@@ -604,9 +608,7 @@ class _Expansion:
                 return
         for folder in folders:
             self.folders.setdefault(folder, spec)
-        if ext_stem is not None:
-            self.ext_stems.setdefault(ext_stem, spec)
-        elif literal_stem is not None:
+        if literal_stem is not None:
             self.literal_stems.setdefault(literal_stem, spec)
         self.seen_ids[jid] = self.seen_paths[key] = spec
         self.specs.append(spec)
