@@ -43,7 +43,7 @@ CSV_FIXED = ("model", "prompt", "variants", "path")
 MAX_YAML_BYTES = 10 * 2**20  # a YAML manifest; big flat lists belong in a CSV
 MAX_CSV_BYTES = 100 * 2**20  # a CSV manifest, jobs_csv or rows file
 MAX_DEPTH = 50  # levels of nesting, aliases expanded
-MAX_NODES = 1_000_000  # values (scalars, lists, mappings) in the document, aliases expanded
+MAX_NODES = 500_000  # values (scalars, lists, mappings) in the document, aliases expanded
 _TAGS = {
     f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "seq", "map", "merge")
 }  # what a manifest may hold: no dates, binaries, sets or application tags
@@ -89,6 +89,11 @@ class _Measuring(Composer):
         Composer.__init__(self)
         self.depth = 0
         self.measures: dict[int, tuple[int, int]] = {}  # id(node) → (values, levels), aliases expanded
+
+    def get_single_node(self) -> Node | None:
+        node = super().get_single_node()
+        self.measures.clear()  # measured: free them before the document is built
+        return node
 
     def compose_node(self, parent: Node | None, index: Any) -> Node | None:
         if self.check_event(yaml.AliasEvent):
