@@ -4,6 +4,13 @@ Templates (``{name}`` takes a var, ``{{`` is a literal brace) are compiled once 
 distinct string, so 100,000 jobs expand in about a second. A value that is exactly one
 ``{name}`` keeps the var's type (``duration: "{d}"`` sends ``5``, not ``"5"``).
 
+A job is multiplied by its own matrix and variants, and by the top-level matrix vars and
+``rows`` columns it uses (anywhere in its fields or its path), so a job that uses none runs
+once. The number of jobs is known, and bounded, before any is built. Every result path is
+checked against batchrunner's own names, the other results (one file on a case-insensitive
+file system, a file where another needs a folder) and the file system's limits, so that
+``plan`` refuses what ``run`` could only break on after paying.
+
 **The job id is a contract.** ``id = sha256("batchrunner-job-v1\\0" + canonical(body) +
 "\\0" + variant)``, first 20 hex digits, where ``canonical`` is the request body minus
 ``callBackUrl``, as JSON with sorted keys and no spaces. It depends on what is sent and on
@@ -37,7 +44,7 @@ SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext")
 # large, is a mistake, and each is stored with the job's state and sent on every retry.
 MAX_PROMPT_BYTES = 100_000
 MAX_BODY_BYTES = 2**20
-DEFAULT_MAX_JOBS = 200_000  # raised with max_jobs: (or --max-jobs); expansion is held in memory
+DEFAULT_MAX_JOBS = 200_000  # raised with max_jobs: (or expand(max_jobs=)); expansion is held in memory
 MAX_PROBLEMS = 200
 # Names batchrunner writes in an output folder, which no result may take: the state folder
 # .batchrunner/ and temp files (.<name>.tmp) are hidden names, refused as a class; the reports
