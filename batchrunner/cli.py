@@ -473,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ManifestError as exc:
+        for warning in exc.warnings:  # hints found beside the errors (an unknown model, a misspelt field)
+            print(f"warning: {warning}", file=sys.stderr)
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         print(f"{len(exc.problems)} problem(s); nothing was sent.", file=sys.stderr)

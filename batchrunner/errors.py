@@ -73,10 +73,15 @@ class Problem:
 
 
 class ManifestError(BatchRunnerError):
-    """The manifest cannot run; ``problems`` lists every reason, each with file and line."""
+    """The manifest cannot run; ``problems`` lists every reason, each with file and line.
 
-    def __init__(self, problems: list[Problem]) -> None:
+    ``warnings`` carries what was found beside them (an unknown model, a field that looks
+    misspelt), so that a refused manifest still shows every hint at once.
+    """
+
+    def __init__(self, problems: list[Problem], warnings: list[str] | None = None) -> None:
         self.problems = problems
+        self.warnings = list(warnings or ())
         super().__init__("\n".join(str(p) for p in problems))
 
 

@@ -145,7 +145,7 @@ def test_newcomer_mistakes(tmp_path: Path, write) -> None:  # type: ignore[no-un
     assert first.returncode == 0, first.stderr
     other_manifest = write("other.yaml", "name: other\njobs:\n  - {model: flux-2, prompt: x}\n")
     other = cli("run", str(other_manifest), "--sandbox", "--out", str(tmp_path / "b"))
-    assert other.returncode == 2 and "holds the state of campaign 'demo'" in other.stderr
+    assert other.returncode == 2 and "holds the state of campaign 'demo-csv'" in other.stderr
     zero = cli("run", "manifests/demo.csv", "--sandbox", "--out", str(tmp_path / "c"), "--poll-scale", "0")
     assert zero.returncode == 2 and "--poll-scale: must be a positive number" in zero.stderr and not (tmp_path / "c").exists()
 

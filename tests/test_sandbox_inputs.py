@@ -65,9 +65,16 @@ def png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-async def test_every_bad_source_url_is_a_validation_error_and_no_task() -> None:
+def root_catalog(folder: Path) -> Path:
+    """A catalog with a root-only model (the shipped one names none: the public docs give no root-only id)."""
+    path = folder / "catalog.csv"
+    path.write_text("id,modality,input_style\nposter-root,image,root\n")
+    return path
+
+
+async def test_every_bad_source_url_is_a_validation_error_and_no_task(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}/gone.png"  # nothing listens there
-    async with serve(SandboxConfig()) as (sandbox, url), serve_files(FILES) as files:
+    async with serve(SandboxConfig(catalog_file=root_catalog(tmp_path))) as (sandbox, url), serve_files(FILES) as files:
         cases = [
             ({"model": "kling-video-turbo", "input": {"prompt": "p", "image_url": "ftp://127.0.0.1/a.png"}}, "input.image_url", "http(s)"),
             ({"model": "kling-video-turbo", "input": {"prompt": "p", "image_url": "file:///etc/hosts"}}, "input.image_url", "http(s)"),
@@ -78,7 +85,7 @@ async def test_every_bad_source_url_is_a_validation_error_and_no_task() -> None:
             ({"model": "recraft-remove-bg", "input": {"image_url": files + "/page.bin"}}, "input.image_url", "HTML page"),
             ({"model": "recraft-remove-bg", "input": {"image_url": files + "/notes.txt"}}, "input.image_url", "not an image, video"),
             ({"model": "runway-aleph", "input": {"prompt": "p", "video_url": "https://example.com/a.mp4"}}, "input.video_url", "loopback"),
-            ({"model": "midjourney", "prompt": "p", "imageUrl": files + "/notes.txt"}, "imageUrl", "not an image"),
+            ({"model": "poster-root", "prompt": "p", "imageUrl": files + "/notes.txt"}, "imageUrl", "not an image"),
             (
                 {"model": "flux-2", "input": {"prompt": "p"}, "imageURLList": json.dumps([files + "/photo.png", files + "/share.html"])},
                 "imageURLList[1]",
@@ -111,8 +118,8 @@ async def test_accepted_sources_are_fetched_and_recorded_per_task() -> None:
         assert sandbox.stats.as_json()["inputs_by_sha"] == {sha: 2}
 
 
-async def test_images_follow_the_requested_aspect_ratio() -> None:
-    async with serve(SandboxConfig(time_scale=0.0001)) as (_, url):
+async def test_images_follow_the_requested_aspect_ratio(tmp_path: Path) -> None:
+    async with serve(SandboxConfig(time_scale=0.0001, catalog_file=root_catalog(tmp_path))) as (_, url):
         for model, fields, ratio in [
             ("flux-2", {"aspect_ratio": "16:9"}, (16, 9)),
             ("flux-2", {"aspect_ratio": "2:3"}, (2, 3)),
@@ -123,7 +130,7 @@ async def test_images_follow_the_requested_aspect_ratio() -> None:
             data, _ = await result(url, task_id(answer))
             width, height = png_size(data)
             assert width * ratio[1] == height * ratio[0], (model, fields, width, height)
-        _, answer = await post(url, {"model": "midjourney", "prompt": "a poster", "options": '{"aspect_ratio":"3:4"}'})
+        _, answer = await post(url, {"model": "poster-root", "prompt": "a poster", "options": '{"aspect_ratio":"3:4"}'})
         width, height = png_size((await result(url, task_id(answer)))[0])
         assert width * 4 == height * 3
 
