@@ -8,6 +8,7 @@ Settings resolve in the library (flag > manifest > environment > default), share
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import secrets
@@ -79,7 +80,7 @@ def _rerun_line(start: Preview) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _load(args)
-    _warn(plan, args.json)
+    _warn(plan, False)
     start = _api.preview(plan, **_settings(args, retry=False))  # refuses exactly what `run` refuses
     if args.json:
         data = {
@@ -126,6 +127,14 @@ def _clock_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _has_size(stream: TextIO) -> bool:
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return size.columns > 0 and size.lines > 0
+
+
 class Progress:
     """Where a run stands, on stderr: tqdm on a terminal, a plain line every few seconds otherwise, nothing with --quiet.
 
@@ -159,12 +168,16 @@ class Progress:
             if start.ambiguous:
                 extra.append(f"{start.ambiguous} of them caught mid-submit: possibly paid twice")
             if start.stays_failed:
-                extra.append(f"{start.stays_failed} failed earlier, left alone (`batchrunner retry` runs them)")
+                extra.append(f"{start.stays_failed} failed earlier, left alone: `batchrunner retry` runs them")
             print(line + (f" ({'; '.join(extra)})" if extra else ""), file=self.stream, flush=True)
         if self.stream.isatty() if tty is None else tty:
             from tqdm import tqdm  # type: ignore[import-untyped]
 
-            self.bar = tqdm(total=self.total, initial=self.finished, unit="job", dynamic_ncols=True, file=self.stream, smoothing=0.1)
+            sized = _has_size(self.stream)  # tqdm hides its bar on a terminal of no size (a bare pty)
+            self.bar = tqdm(
+                total=self.total, initial=self.finished, unit="job", file=self.stream, smoothing=0.1,
+                dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
+            )  # fmt: skip
 
     @property
     def finished(self) -> int:
@@ -180,8 +193,6 @@ class Progress:
                 self.failed += 1
             if job is not None and job.task_id:
                 self.in_flight = max(0, self.in_flight - 1)
-            if self.bar is not None:
-                self.bar.update(1)
         elif kind == "retry":
             self.retries += 1
         elif kind == "rate_limited":
@@ -191,12 +202,14 @@ class Progress:
         if self.quiet:
             return
         if self.verbose and kind != "tick":
-            print(f"[{kind}] {job.id if job else ''} {detail}", file=self.stream, flush=True)
+            self._echo(f"[{kind}] {job.id if job else ''} {detail}")
         if kind == "paused" and not self.verbose:
             self._write(f"paused: {detail}")
         if self.bar is not None:
             self.bar.set_postfix_str(self._postfix(), refresh=False)
-            if kind in ("tick", "paused"):
+            if kind in ("done", "failed"):
+                self.bar.update(1)
+            elif kind in ("tick", "paused"):
                 self.bar.refresh()
         elif self.clock() - self.last_line >= PLAIN_EVERY_S:
             self._write(self.line())
@@ -233,6 +246,9 @@ class Progress:
 
     def _write(self, text: str) -> None:
         self.last_line = self.clock()
+        self._echo(text)
+
+    def _echo(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
@@ -567,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     # `docker stop`, systemd: stop exactly as Ctrl-C does (the event loop's own SIGINT handling), state saved
     signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is handled below, not at exit
+        return code
     except ManifestError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
