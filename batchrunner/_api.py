@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -53,6 +53,7 @@ ENV_RATE = "BATCHRUNNER_RATE"
 ENV_MAX_CREDITS = "BATCHRUNNER_MAX_CREDITS"
 ENV_API_KEY = "CLIPRISE_API_KEY"
 ENV_BASE_URL = "CLIPRISE_BASE_URL"
+StartHandler = Callable[[Preview], None]
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -196,6 +197,7 @@ async def run_async(
     poll_scale: float | None = None,
     force: bool = False,
     retry_failed: bool = False,
+    on_start: StartHandler | None = None,
     on_event: EventHandler | None = None,
     env: Mapping[str, str] | None = None,
 ) -> RunResult:
@@ -212,7 +214,7 @@ async def run_async(
         if sb.tasks_file is None:  # the sandbox keeps its tasks beside the state, so a resumed run finds the tasks it submitted
             sb = replace(sb, tasks_file=config.out_dir / ".batchrunner" / "sandbox-tasks.jsonl")
         async with serve(sb) as (_, url):
-            return await run_campaign(plan, config, api_key=sb.api_key, base_url=url, on_event=on_event)
+            return await run_campaign(plan, config, api_key=sb.api_key, base_url=url, on_start=on_start, on_event=on_event)
     config = resolve_config(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
         poll_scale=poll_scale, force=force, retry_failed=retry_failed, env=env,
@@ -222,7 +224,7 @@ async def run_async(
         if not api_key:
             raise AuthError(f"no API key: pass api_key=, set {ENV_API_KEY}, or try the sandbox with sandbox=True")
         base_url = base_url or env.get(ENV_BASE_URL) or DEFAULT_BASE_URL
-    return await run_campaign(plan, config, api_key=api_key, base_url=base_url, client=client, on_event=on_event)
+    return await run_campaign(plan, config, api_key=api_key, base_url=base_url, client=client, on_start=on_start, on_event=on_event)
 
 
 def run(
@@ -239,6 +241,7 @@ def run(
     poll_scale: float | None = None,
     force: bool = False,
     retry_failed: bool = False,
+    on_start: StartHandler | None = None,
     on_event: EventHandler | None = None,
     env: Mapping[str, str] | None = None,
 ) -> RunResult:
@@ -249,8 +252,10 @@ def run(
     :class:`~batchrunner.sandbox.SandboxConfig`) runs against the embedded simulator:
     no key, nothing charged. Otherwise ``api_key`` (default $CLIPRISE_API_KEY) and
     ``base_url`` (default $CLIPRISE_BASE_URL, else the real host) say where to send, or
-    ``client`` is an open :class:`Client` to use. ``on_event(kind, job, detail)`` hears
-    every job event (``submitted``, ``done``, ``failed``, ``retry``, ``rate_limited``, …).
+    ``client`` is an open :class:`Client` to use. ``on_start(preview)`` hears where the run
+    starts (done, in flight, to submit) before its first request; ``on_event(kind, job,
+    detail)`` every job event (``submitted``, ``done``, ``failed``, ``retry``, ``rate_limited``,
+    ``paused``, ``tick``, …).
     Settings resolve as the module docstring says. A blocking call: from async code, await
     :func:`run_async`.
 
@@ -263,7 +268,7 @@ def run(
         partial(
             run_async, plan, out=out, sandbox=sandbox, api_key=api_key, base_url=base_url, client=client, concurrency=concurrency,
             rate_per_s=rate_per_s, max_credits=max_credits, poll_scale=poll_scale, force=force, retry_failed=retry_failed,
-            on_event=on_event, env=env,
+            on_start=on_start, on_event=on_event, env=env,
         )
     )  # fmt: skip
 

@@ -138,27 +138,30 @@ def _has_size(stream: TextIO) -> bool:
 class Progress:
     """Where a run stands, on stderr: tqdm on a terminal, a plain line every few seconds otherwise, nothing with --quiet.
 
-    It starts from what the run starts from (a :class:`Preview`: on resume the bar begins at
-    the jobs already finished), counts the runner's events, and shows what the run waits for:
+    It starts from what the run starts from (:meth:`begin`, the run's ``on_start``: on resume
+    the bar begins at the jobs already finished), counts the runner's events, and shows what the run waits for:
     the runner's ``tick`` event (at least once a second, its text saying what it waits for)
     redraws the bar and its clock, ``paused`` (a 429: "rate-limited until 12:03:04 …") is
     printed at once. Kinds it does not know are ignored.
     """
 
-    def __init__(
-        self, start: Preview, *, quiet: bool, verbose: bool, stream: TextIO | None = None, tty: bool | None = None, clock: Any = None
-    ) -> None:
+    def __init__(self, *, quiet: bool, verbose: bool, stream: TextIO | None = None, tty: bool | None = None, clock: Any = None) -> None:
         self.stream = stream or sys.stderr
-        self.quiet, self.verbose = quiet, verbose
+        self.quiet, self.verbose, self.tty = quiet, verbose, tty
         self.clock = clock or time.monotonic
-        self.total = start.jobs
-        self.done_before, self.failed_before = start.done, start.stays_failed
-        self.in_flight = start.in_flight
+        self.total = self.done_before = self.failed_before = self.in_flight = 0
         self.done = self.failed = self.retries = self.rate_limited = 0
         self.waiting = ""
         self.started = self.last_line = self.clock()
         self.bar: Any = None
-        if quiet:
+
+    def begin(self, start: Preview) -> None:
+        """The run starts (``on_start``): from what it found done, in flight and to submit."""
+        self.total = start.jobs
+        self.done_before, self.failed_before = start.done, start.stays_failed
+        self.in_flight = start.in_flight
+        self.started = self.last_line = self.clock()
+        if self.quiet:
             return
         if start.resuming:
             line = f"resuming: {start.done} done, {start.in_flight} in flight, {start.to_submit} to submit"
@@ -170,7 +173,7 @@ class Progress:
             if start.stays_failed:
                 extra.append(f"{start.stays_failed} failed earlier, left alone: `batchrunner retry` runs them")
             print(line + (f" ({'; '.join(extra)})" if extra else ""), file=self.stream, flush=True)
-        if self.stream.isatty() if tty is None else tty:
+        if self.stream.isatty() if self.tty is None else self.tty:
             from tqdm import tqdm  # type: ignore[import-untyped]
 
             sized = _has_size(self.stream)  # tqdm hides its bar on a terminal of no size (a bare pty)
@@ -268,7 +271,7 @@ def _summary(result: RunResult, out: Path) -> str:
     if t.left:
         line += f", {t.left} not run yet"
     if t.possibly_paid_twice:
-        line += f", {t.possibly_paid_twice} possibly paid twice (submits that went unanswered were sent again; see report.json)"
+        line += f", {t.possibly_paid_twice} possibly paid twice (submits whose answer was lost were sent again; see report.json)"
     return f"{line} → {out / 'report.html'}"
 
 
@@ -277,8 +280,7 @@ def _execute(args: argparse.Namespace, plan: Plan | None, retry: bool) -> int:
         print(f"error: No API key: set {_api.ENV_API_KEY}, or try the demo with --sandbox", file=sys.stderr)
         return EXIT_BAD_INPUT
     settings = _settings(args, retry)
-    start = _api.preview(plan, **settings)  # refuses (bad input) what the run would refuse, before anything is created
-    out = start.out_dir
+    out = _api.resolve_config(plan, **settings).out_dir
     sandbox: Any = False
     if args.sandbox:
         from .sandbox import SandboxConfig
@@ -287,9 +289,9 @@ def _execute(args: argparse.Namespace, plan: Plan | None, retry: bool) -> int:
             api_key=_api.SANDBOX_KEY, time_scale=args.sandbox_time_scale, failure_rate=args.sandbox_failure_rate,
             seed=secrets.randbits(32),
         )  # fmt: skip
-    progress = Progress(start, quiet=args.quiet, verbose=args.verbose)
+    progress = Progress(quiet=args.quiet, verbose=args.verbose)
     try:
-        result = _api.run(plan, sandbox=sandbox, poll_scale=args.poll_scale, on_event=progress, **settings)
+        result = _api.run(plan, sandbox=sandbox, poll_scale=args.poll_scale, on_start=progress.begin, on_event=progress, **settings)
     except KeyboardInterrupt:
         progress.close()
         print(
@@ -304,7 +306,8 @@ def _execute(args: argparse.Namespace, plan: Plan | None, retry: bool) -> int:
     if failed:
         where = shlex.quote(str(out))
         retry_cmd = f"batchrunner retry {where}" + (" --sandbox" if args.sandbox else "")
-        print(f"{failed} jobs failed: `batchrunner status {where}` shows why; `{retry_cmd}` runs them again")
+        jobs = "1 job" if failed == 1 else f"{failed} jobs"
+        print(f"{jobs} failed: `batchrunner status {where}` shows why; `{retry_cmd}` runs them again")
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     return EXIT_OK if result.outcome == "complete" else EXIT_FAILED

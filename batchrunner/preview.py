@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import errno
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ManifestError, Problem, StateError
 from .expand import Plan
-from .store import REPOLL, STATE_DIR, snapshot
+from .store import REPOLL, STATE_DIR, Snapshot, snapshot
 
 if TYPE_CHECKING:
     from .runner import RunConfig
@@ -92,8 +91,101 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
     would refuse to start, with the same message.
     """
     out = config.out_dir
+    snap = _usable(plan, config, jobs=True)
+    stored = snap.jobs if snap is not None else {}
+    jobs: list[tuple[str, str | None, float | None, str]]
+    if plan is not None:
+        jobs = [(s.id, s.path, s.credits, s.model) for s in plan.specs]
+    else:
+        jobs = [(row[0], None, row[5], "") for row in stored.values() if row[6]]
+    present = _Files(out)
+    done = files_gone = in_flight = ambiguous = stays_failed = to_submit = 0
+    cost: float | None = 0.0
+    unknown: set[str] = set()
+    for job_id, spec_path, credits, model in jobs:
+        row = stored.get(job_id)
+        if row is not None:
+            state = row[1]
+            if state == "done":
+                if present.has(row[2]) or (spec_path is not None and row[2] and present.has(_moved(spec_path, row[2]))):
+                    done += 1
+                    continue
+                files_gone += 1
+            elif state == "submitted":
+                in_flight += 1
+                continue
+            elif state == "submitting":
+                ambiguous += 1
+            elif state == "failed":
+                if not (row[3] or config.retry_failed):
+                    stays_failed += 1
+                    continue
+                if row[3] == REPOLL and row[4]:
+                    in_flight += 1
+                    continue
+        to_submit += 1
+        if credits is None:
+            unknown.add(model)
+            cost = None
+        elif cost is not None:
+            cost += credits
+    result = Preview(
+        out_dir=out,
+        jobs=len(jobs),
+        done=done,
+        in_flight=in_flight,
+        to_submit=to_submit,
+        stays_failed=stays_failed,
+        files_gone=files_gone,
+        ambiguous=ambiguous,
+        credits_to_submit=cost,
+        spent=snap.spent if snap is not None else 0.0,
+        ambiguous_before=snap.ambiguous if snap is not None else 0,
+        resuming=bool(stored),
+    )
+    if plan is not None:
+        _check_budget(plan, config.max_credits, result, unknown)
+    return result
+
+
+def check(plan: Plan | None, config: RunConfig) -> None:
+    """Refuse what :func:`preview` refuses, as the run's first step; the full count (a read of every job
+    and result folder) only when a budget needs it."""
+    if plan is not None and config.max_credits is not None:
+        preview(plan, config)
+    else:
+        _usable(plan, config, jobs=False)
+
+
+def started(
+    out_dir: Path, counts: dict[str, int], found: dict[str, int], *, spent: float, ambiguous_before: int, resuming: bool
+) -> Preview:
+    """A run's own start, from its store once synced and recovered: ``counts`` per state, ``found`` by ``Store.recover``.
+
+    The same numbers :func:`preview` predicts, counted where they happen, at no extra cost
+    (``credits_to_submit`` is not counted: None).
+    """
+    return Preview(
+        out_dir=out_dir,
+        jobs=sum(counts.values()),
+        done=counts.get("done", 0),
+        in_flight=counts.get("submitted", 0),
+        to_submit=counts.get("pending", 0) + counts.get("submitting", 0),
+        stays_failed=counts.get("failed", 0),
+        files_gone=found.get("files_missing", 0),
+        ambiguous=found.get("ambiguous", 0),
+        credits_to_submit=None,
+        spent=spent,
+        ambiguous_before=ambiguous_before,
+        resuming=resuming,
+    )
+
+
+def _usable(plan: Plan | None, config: RunConfig, *, jobs: bool) -> Snapshot | None:
+    """The output folder's state, or the :class:`StateError` a run stops at: not creatable, nothing to retry, locked, another campaign's."""
+    out = config.out_dir
     _check_creatable(out / STATE_DIR)
-    snap = snapshot(out)
+    snap = snapshot(out, jobs=jobs)
     if snap is None and plan is None:
         raise StateError(f"{out} holds no batchrunner state — run `batchrunner run MANIFEST --out {out}` first")
     if snap is not None and snap.locked_by is not None:
@@ -103,59 +195,7 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
             f"{out} holds the state of campaign {snap.campaign!r}, not {plan.manifest.name!r} — "
             "choose another --out, or pass --force to adopt it (its finished jobs are kept)"
         )
-    stored = snap.jobs if snap is not None else {}
-    jobs: list[tuple[str, str | None, float | None, str]]
-    if plan is not None:
-        jobs = [(s.id, s.path, s.credits, s.model) for s in plan.specs]
-    else:
-        jobs = [(job_id, None, row[4], "") for job_id, row in stored.items() if row[5]]
-    present = _Files(out)
-    counts: Counter[str] = Counter()
-    cost: float | None = 0.0
-    unknown: set[str] = set()
-    for job_id, spec_path, credits, model in jobs:
-        row = stored.get(job_id)
-        state = "new" if row is None else row[0]
-        if row is not None and state == "done":
-            if present.has(row[1]) or (spec_path is not None and row[1] and present.has(_moved(spec_path, row[1]))):
-                counts["done"] += 1
-                continue
-            counts["files_gone"] += 1
-        elif state == "submitted":
-            counts["in_flight"] += 1
-            continue
-        elif state == "submitting":
-            counts["ambiguous"] += 1
-        elif state == "failed" and row is not None:
-            if not (row[2] or config.retry_failed):
-                counts["stays_failed"] += 1
-                continue
-            if row[2] == REPOLL and row[3]:
-                counts["in_flight"] += 1
-                continue
-        counts["to_submit"] += 1
-        if credits is None:
-            unknown.add(model)
-            cost = None
-        elif cost is not None:
-            cost += credits
-    result = Preview(
-        out_dir=out,
-        jobs=len(jobs),
-        done=counts["done"],
-        in_flight=counts["in_flight"],
-        to_submit=counts["to_submit"],
-        stays_failed=counts["stays_failed"],
-        files_gone=counts["files_gone"],
-        ambiguous=counts["ambiguous"],
-        credits_to_submit=cost,
-        spent=snap.spent if snap is not None else 0.0,
-        ambiguous_before=snap.ambiguous if snap is not None else 0,
-        resuming=bool(stored),
-    )
-    if plan is not None:
-        _check_budget(plan, config.max_credits, result, unknown)
-    return result
+    return snap
 
 
 def _check_budget(plan: Plan, max_credits: float | None, start: Preview, unknown: set[str]) -> None:
@@ -195,7 +235,9 @@ def _check_creatable(state_dir: Path) -> None:
         if existing.parent == existing:
             return
         existing = existing.parent
-    if existing == state_dir and existing.is_dir():
+    if existing == state_dir:
+        if not existing.is_dir():
+            raise StateError(f"cannot create {state_dir}: {os.strerror(errno.EEXIST)}")  # a file of that name
         return
     if not existing.is_dir():
         raise StateError(f"cannot create {state_dir}: {os.strerror(errno.ENOTDIR)}")  # as mkdir reports it
@@ -221,10 +263,12 @@ class _Files:
         folder, _, name = path.rpartition("/")
         names = self.folders.get(folder)
         if names is None:
-            try:
-                with os.scandir(self.out / folder) as entries:
-                    names = {e.name for e in entries if e.is_file()}
-            except OSError:
-                names = set()
-            self.folders[folder] = names
+            names = self.folders[folder] = self._read(folder)
         return name in names
+
+    def _read(self, folder: str) -> set[str]:
+        try:
+            with os.scandir(self.out / folder) as entries:
+                return {e.name for e in entries if e.is_file()}
+        except OSError:
+            return set()

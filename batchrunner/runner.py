@@ -42,7 +42,7 @@ from .errors import (
     UnknownTask,
 )
 from .expand import Plan
-from .preview import Preview, RunTally, preview, tally
+from .preview import Preview, RunTally, check, started, tally
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
 
 FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
@@ -383,16 +383,18 @@ async def run_campaign(
     base_url: str | None = None,
     host_header: str | None = None,
     client: Client | None = None,
+    on_start: Callable[[Preview], None] | None = None,
     on_event: EventHandler | None = None,
     rng: random.Random | None = None,
 ) -> RunResult:
     """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command.
 
-    With ``plan=None`` the directory's stored jobs are run as they are (``retry``). First
-    :func:`~batchrunner.preview.preview` refuses what ``plan`` refuses, before anything is
-    written or sent. ``client``, an open :class:`Client` (or a subclass: tests use one to
-    produce answers the sandbox cannot), replaces the one made from ``api_key``, ``base_url``
-    and ``host_header``; the caller keeps it open and closes it.
+    With ``plan=None`` the directory's stored jobs are run as they are (``retry``). First it
+    refuses what ``plan`` refuses (:func:`~batchrunner.preview.check`), before anything is
+    written or sent. ``on_start`` hears where the run starts (done, in flight, to submit)
+    before its first request. ``client``, an open :class:`Client` (or a subclass: tests use
+    one to produce answers the sandbox cannot), replaces the one made from ``api_key``,
+    ``base_url`` and ``host_header``; the caller keeps it open and closes it.
     """
     from contextlib import AsyncExitStack
 
@@ -401,22 +403,30 @@ async def run_campaign(
 
     if client is None and not api_key:
         raise AuthError("no API key: pass api_key (the CLI reads CLIPRISE_API_KEY), or an open client")
-    start = preview(plan, config)
+    check(plan, config)
     store = Store.open(config.out_dir, create=plan is not None)
+    resuming = plan is None
     try:
         if plan is not None:
             store.claim(plan.manifest.name, force=config.force)
             store.set_meta("group_var", plan.group_var or "")
-            store.sync(plan.specs)
+            resuming = bool(store.sync(plan.specs).known)
     except StateError:
         store.close()
         raise
-    started = time.time()
+    started_at = time.time()
     outcome, error = "interrupted", None
     try:
+        before = store.totals()
         store.start_run()
-        store.recover()
+        found = store.recover()
         store.reset_failed(retryable_only=not config.retry_failed)
+        start = started(
+            config.out_dir, store.counts(), found,
+            spent=before["credits_spent"], ambiguous_before=int(before["ambiguous_resubmitted"]), resuming=resuming,
+        )  # fmt: skip
+        if on_start is not None:
+            on_start(start)
         async with AsyncExitStack() as stack:
             if client is None:
                 client = await stack.enter_async_context(
@@ -439,7 +449,7 @@ async def run_campaign(
         raise
     finally:
         try:
-            summary = write_reports(store, wall_s=time.time() - started, outcome=outcome, error=error)
+            summary = write_reports(store, wall_s=time.time() - started_at, outcome=outcome, error=error)
             store.end_run(outcome, summary)
         finally:
             store.close()

@@ -452,19 +452,19 @@ def peek(out_dir: Path) -> tuple[set[str], float]:
 class Snapshot:
     """What an output directory's state holds, read without locking, creating or migrating anything.
 
-    ``jobs`` maps id to (state, path, retryable, has a task id, credits, in the manifest).
+    ``jobs`` maps id to the row (id, state, path, retryable, has a task id (0/1), credits, in the manifest (0/1)).
     ``locked_by`` is the pid of a run holding the directory, if any.
     """
 
     campaign: str | None
-    jobs: dict[str, tuple[str, str | None, int, bool, float | None, bool]]
+    jobs: dict[str, tuple[str, str, str | None, int, int, float | None, int]]
     spent: float
     ambiguous: int
     locked_by: str | None
 
 
-def snapshot(out_dir: Path) -> Snapshot | None:
-    """The state of ``out_dir`` as :func:`batchrunner.preview.preview` needs it; None when it holds none.
+def snapshot(out_dir: Path, *, jobs: bool = True) -> Snapshot | None:
+    """The state of ``out_dir`` as :mod:`batchrunner.preview` needs it (without ``jobs``: campaign and lock only); None if it has none.
 
     Raises the :class:`StateError` that :meth:`Store.open` would raise for a state it cannot use.
     """
@@ -493,17 +493,17 @@ def snapshot(out_dir: Path) -> Snapshot | None:
             if version == 0:  # created but never migrated: nothing in it yet
                 return Snapshot(campaign=None, jobs={}, spent=0.0, ambiguous=0, locked_by=locked_by)
             row = conn.execute("SELECT value FROM meta WHERE key = 'campaign'").fetchone()
-            jobs = {
-                r[0]: (str(r[1]), r[2], int(r[3]), bool(r[4]), r[5], bool(r[6]))
-                for r in conn.execute("SELECT id, state, path, retryable, task_id IS NOT NULL, credits, in_manifest FROM jobs")
-            }
-            spent, ambiguous = conn.execute("SELECT coalesce(sum(credits_spent), 0), coalesce(sum(ambiguous), 0) FROM jobs").fetchone()
+            rows, spent, ambiguous = {}, 0.0, 0
+            if jobs:
+                sql = "SELECT id, state, path, retryable, task_id IS NOT NULL, credits, in_manifest FROM jobs"
+                rows = {r[0]: r for r in conn.execute(sql)}
+                spent, ambiguous = conn.execute("SELECT coalesce(sum(credits_spent), 0), coalesce(sum(ambiguous), 0) FROM jobs").fetchone()
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
         raise StateError(f"{db} is not a usable batchrunner state file ({exc}) — move it away to start afresh") from exc
     return Snapshot(
-        campaign=None if row is None else str(row[0]), jobs=jobs, spent=float(spent), ambiguous=int(ambiguous), locked_by=locked_by
+        campaign=None if row is None else str(row[0]), jobs=rows, spent=float(spent), ambiguous=int(ambiguous), locked_by=locked_by
     )
 
 

@@ -109,8 +109,12 @@ def test_run_status_results_and_preview_agree(tmp_path: Path) -> None:
     gone.unlink()
     again = batchrunner.preview(plan, out=out, env={})
     assert (again.resuming, again.done, again.files_gone, again.to_submit, again.to_run) == (True, 3, 1, 1, 1)
-    rerun = batchrunner.run(plan, out=out, sandbox=SandboxConfig(time_scale=0.001), env={})
+    starts: list[batchrunner.Preview] = []
+    rerun = batchrunner.run(plan, out=out, sandbox=SandboxConfig(time_scale=0.001), on_start=starts.append, env={})
     assert rerun.tally is not None and (rerun.tally.ran, rerun.tally.skipped) == (again.to_run, again.done) == (1, 3)
+    # what preview predicted is what the run found, counted in its own store
+    counted = ("jobs", "done", "in_flight", "to_submit", "stays_failed", "files_gone", "ambiguous", "resuming")
+    assert starts == [rerun.start] and [getattr(rerun.start, f) for f in counted] == [getattr(again, f) for f in counted]
     assert gone.exists()
 
     st = batchrunner.status(out)

@@ -29,9 +29,10 @@ from pathlib import Path
 import pytest
 
 from batchrunner import cli as cli_module
+from batchrunner import load_plan
 from batchrunner.cli import PLAIN_EVERY_S, Progress, main
 from batchrunner.preview import Preview
-from batchrunner.store import STATE_DIR, Store, peek
+from batchrunner.store import STATE_DIR, JobState, Store, peek
 
 from .conftest import ROOT, cli
 
@@ -51,6 +52,19 @@ def delete_one_result(out: Path) -> None:
 def ran_then_deleted(out: Path, manifest: str) -> None:
     assert main(["run", manifest, "--out", str(out), "--quiet", *FAST]) == 0
     delete_one_result(out)  # a flux-2 image: the re-run costs 1 credit more, on top of the 8 spent
+
+
+def killed_mid_run(out: Path, manifest: str) -> None:
+    """The state a hard kill can leave: one job caught mid-submit (ambiguous), one submitted (its task unknown to this sandbox)."""
+    plan = load_plan(manifest)
+    store = Store.open(out)
+    store.claim(plan.manifest.name)
+    store.sync(plan.specs)
+    first, second = list(store.work())[:2]
+    store.transition(first, JobState.SUBMITTING)
+    store.transition(second, JobState.SUBMITTING)
+    store.transition(second, JobState.SUBMITTED, task_id="task-of-another-sandbox", submitted_at=time.time())
+    store.close()
 
 
 def other_campaign(out: Path, manifest: str) -> None:
@@ -91,6 +105,8 @@ CORPUS: list[tuple[str, str, list[str], dict[str, str], Callable[[Path, str], No
     ("unknown key", "matrx: {}\n" + PRICED, [], {}, None),
     ("unknown model, strict", "jobs:\n  - {model: flux2, prompt: x}\n", ["--strict"], {}, None),
     ("unknown model, warned", "jobs:\n  - {model: flux-2, prompt: x}\n  - {model: flux2, prompt: y}\n", [], {}, None),
+    ("left by a hard kill", PRICED, [], {}, killed_mid_run),
+    ("left by a hard kill, past the cap", "max_credits: 3\n" + PRICED, [], {}, killed_mid_run),
     ("another campaign's folder", PRICED, [], {}, other_campaign),
     ("another campaign's folder, --force", PRICED, ["--force"], {}, other_campaign),
     ("not a state file", PRICED, [], {}, broken_state),
@@ -247,7 +263,8 @@ class Clock:
 
 def test_progress_starts_from_the_resumed_state_and_lines_follow_the_ticks() -> None:
     stream, clock = io.StringIO(), Clock()
-    progress = Progress(start(), quiet=False, verbose=False, stream=stream, tty=False, clock=clock)
+    progress = Progress(quiet=False, verbose=False, stream=stream, tty=False, clock=clock)
+    progress.begin(start())
     assert stream.getvalue() == "resuming: 96 done, 8 in flight, 166 to submit\n"
     # the runner's contract: a "tick" at least once a second saying what the run waits for
     ticks = 0
@@ -276,7 +293,8 @@ def test_progress_starts_from_the_resumed_state_and_lines_follow_the_ticks() -> 
 
 def test_progress_bar_starts_at_what_is_done_and_redraws_on_every_tick() -> None:
     stream = io.StringIO()
-    progress = Progress(start(stays_failed=4, to_submit=162), quiet=False, verbose=False, stream=stream, tty=True, clock=Clock())
+    progress = Progress(quiet=False, verbose=False, stream=stream, tty=True, clock=Clock())
+    progress.begin(start(stays_failed=4, to_submit=162))
     assert "96/270" not in stream.getvalue() and "100/270" in stream.getvalue()  # failed for good count as finished
     before = stream.getvalue()
     progress("tick", None, "waiting for 8 results")
@@ -289,7 +307,8 @@ def test_progress_bar_starts_at_what_is_done_and_redraws_on_every_tick() -> None
 
 def test_quiet_progress_prints_nothing() -> None:
     stream = io.StringIO()
-    progress = Progress(start(), quiet=True, verbose=False, stream=stream, tty=True, clock=Clock())
+    progress = Progress(quiet=True, verbose=False, stream=stream, tty=True, clock=Clock())
+    progress.begin(start())
     for kind in ("tick", "paused", "submitted", "done", "failed"):
         progress(kind, None, "x")
     progress.close()
