@@ -139,10 +139,11 @@ class Progress:
     """Where a run stands, on stderr: tqdm on a terminal, a plain line every few seconds otherwise, nothing with --quiet.
 
     It starts from what the run starts from (:meth:`begin`, the run's ``on_start``: on resume
-    the bar begins at the jobs already finished), counts the runner's events, and shows what the run waits for:
-    the runner's ``tick`` event (at least once a second, its text saying what it waits for)
-    redraws the bar and its clock, ``paused`` (a 429: "rate-limited until 12:03:04 …") is
-    printed at once. Kinds it does not know are ignored.
+    the bar begins at the jobs already finished), counts the runner's events, and shows what
+    the run waits for: the runner's ``tick`` event (at least once a second, its text saying
+    what it waits for) redraws the bar and its clock, ``paused`` (a 429: "rate-limited until
+    12:03:04 …") is printed at once, and ``stopping`` (what a stopping run still waits for)
+    even with --quiet. Kinds it does not know are ignored (shown with --verbose).
     """
 
     def __init__(self, *, quiet: bool, verbose: bool, stream: TextIO | None = None, tty: bool | None = None, clock: Any = None) -> None:
@@ -202,6 +203,8 @@ class Progress:
             self.rate_limited += 1
         elif kind == "tick":
             self.waiting = detail
+        if kind == "stopping":  # said at once, even with --quiet: the user is waiting for the run to end
+            self._write(detail)
         if self.quiet:
             return
         if self.verbose and kind != "tick":
@@ -275,12 +278,8 @@ def _summary(result: RunResult, out: Path) -> str:
     return f"{line} → {out / 'report.html'}"
 
 
-def _execute(args: argparse.Namespace, plan: Plan | None, retry: bool) -> int:
-    if not args.sandbox and not os.environ.get(_api.ENV_API_KEY):
-        print(f"error: No API key: set {_api.ENV_API_KEY}, or try the demo with --sandbox", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    settings = _settings(args, retry)
-    out = _api.resolve_config(plan, **settings).out_dir
+async def _campaign(args: argparse.Namespace, plan: Plan | None, settings: dict[str, Any], progress: Progress) -> RunResult:
+    """The run itself, through the public API: the flags given; the library resolves the rest."""
     sandbox: Any = False
     if args.sandbox:
         from .sandbox import SandboxConfig
@@ -289,18 +288,28 @@ def _execute(args: argparse.Namespace, plan: Plan | None, retry: bool) -> int:
             api_key=_api.SANDBOX_KEY, time_scale=args.sandbox_time_scale, failure_rate=args.sandbox_failure_rate,
             seed=secrets.randbits(32),
         )  # fmt: skip
+    return await _api.run_async(plan, sandbox=sandbox, poll_scale=args.poll_scale, on_start=progress.begin, on_event=progress, **settings)
+
+
+def _execute(args: argparse.Namespace, plan: Plan | None, retry: bool) -> int:
+    if not args.sandbox and not os.environ.get(_api.ENV_API_KEY):
+        print(f"error: No API key: set {_api.ENV_API_KEY}, or try the demo with --sandbox", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    settings = _settings(args, retry)
+    out = _api.resolve_config(plan, **settings).out_dir
     progress = Progress(quiet=args.quiet, verbose=args.verbose)
     try:
-        result = _api.run(plan, sandbox=sandbox, poll_scale=args.poll_scale, on_start=progress.begin, on_event=progress, **settings)
+        result: RunResult | None = anyio.run(_campaign, args, plan, settings, progress)
     except KeyboardInterrupt:
-        progress.close()
+        result = None
+    progress.close()
+    if result is None or result.outcome == "interrupted":
         print(
             f"\ninterrupted: ran {progress.done + progress.failed} ({progress.done} done), {progress.failed} failed; "
             f"state saved in {out}; run the same command again to resume",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    progress.close()
     print(_summary(result, out))
     failed = result.counts.get("failed", 0)
     if failed:

@@ -305,14 +305,16 @@ def test_progress_bar_starts_at_what_is_done_and_redraws_on_every_tick() -> None
     assert "101/270" in stream.getvalue()
 
 
-def test_quiet_progress_prints_nothing() -> None:
+def test_quiet_progress_prints_only_what_a_stopping_run_waits_for() -> None:
     stream = io.StringIO()
     progress = Progress(quiet=True, verbose=False, stream=stream, tty=True, clock=Clock())
     progress.begin(start())
-    for kind in ("tick", "paused", "submitted", "done", "failed"):
+    for kind in ("tick", "paused", "submitted", "done", "failed", "status"):
         progress(kind, None, "x")
-    progress.close()
     assert stream.getvalue() == ""
+    progress("stopping", None, "stopping: waiting for 2 generate request(s) to be answered")
+    progress.close()
+    assert stream.getvalue() == "stopping: waiting for 2 generate request(s) to be answered\n"
 
 
 @pytest.mark.slow
