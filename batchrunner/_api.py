@@ -203,22 +203,24 @@ async def run_async(
 ) -> RunResult:
     """Run or resume ``plan`` into ``out``; the async form of :func:`run`, which documents the arguments."""
     env = os.environ if env is None else env
+    sb: SandboxConfig | None = None
     if sandbox:
-        from .sandbox import SandboxConfig, serve
+        from .sandbox import SandboxConfig
 
         sb = sandbox if isinstance(sandbox, SandboxConfig) else SandboxConfig(api_key=SANDBOX_KEY, time_scale=SANDBOX_TIME_SCALE)
-        config = resolve_config(
-            plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
-            poll_scale=sb.time_scale if poll_scale is None else poll_scale, force=force, retry_failed=retry_failed, env=env,
-        )  # fmt: skip
-        if sb.tasks_file is None:  # the sandbox keeps its tasks beside the state, so a resumed run finds the tasks it submitted
-            sb = replace(sb, tasks_file=config.out_dir / ".batchrunner" / "sandbox-tasks.jsonl")
-        async with serve(sb) as (_, url):
-            return await run_campaign(plan, config, api_key=sb.api_key, base_url=url, on_start=on_start, on_event=on_event)
+        if poll_scale is None:  # poll as fast as the sandbox runs
+            poll_scale = sb.time_scale
     config = resolve_config(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
         poll_scale=poll_scale, force=force, retry_failed=retry_failed, env=env,
     )  # fmt: skip
+    if sb is not None:
+        from .sandbox import serve
+
+        if sb.tasks_file is None:  # the sandbox keeps its tasks beside the state, so a resumed run finds the tasks it submitted
+            sb = replace(sb, tasks_file=config.out_dir / ".batchrunner" / "sandbox-tasks.jsonl")
+        async with serve(sb) as (_, url):
+            return await run_campaign(plan, config, api_key=sb.api_key, base_url=url, on_start=on_start, on_event=on_event)
     if client is None:
         api_key = api_key or env.get(ENV_API_KEY)
         if not api_key:
