@@ -38,11 +38,10 @@ from .client import Client, Failed, Processing, Unrecognised
 from .download import Finisher, save
 from .errors import (
     AmbiguousSubmit,
+    AuthError,
     BatchRunnerError,
     FatalApiError,
-    ManifestError,
     PermanentApiError,
-    Problem,
     RateLimited,
     StateError,
     TransientApiError,
@@ -50,7 +49,8 @@ from .errors import (
     Unreachable,
 )
 from .expand import Plan
-from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store, peek
+from .preview import Preview, RunTally, check, started, tally
+from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
 
 FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
 DEFAULT_EXPECTED_S = {"image": 10.0, "video": 90.0, "audio": 20.0, "unknown": 30.0}
@@ -84,12 +84,14 @@ class RunConfig:
 
 @dataclass(slots=True)
 class RunResult:
-    """How a run ended: ``outcome`` is complete | failed | stopped | interrupted; counts per state."""
+    """How a run ended: ``outcome`` is complete | failed | stopped | interrupted; ``counts`` per state of every job."""
 
     outcome: str
     counts: dict[str, int]
     summary: dict[str, Any]
     error: str | None = None
+    start: Preview | None = None  # where the run started (what it found done, in flight, to submit)
+    tally: RunTally | None = None  # what this run did: ran, skipped, failed, possibly paid twice
 
 
 def backoff(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -542,80 +544,70 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def check_budget(plan: Plan, max_credits: float | None, out_dir: Path) -> None:
-    """Refuse (as bad input) a plan whose remaining cost passes ``max_credits``, or cannot be known."""
-    if max_credits is None:
-        return
-    done, spent = peek(out_dir)
-    todo = [s for s in plan.specs if s.id not in done]
-    cost = plan.credits(todo)
-    line = plan.manifest.line_of("max_credits")
-    if cost is None:
-        unknown = sorted({s.model for s in todo if s.credits is None})
-        raise ManifestError(
-            [
-                Problem(
-                    plan.manifest.file,
-                    line,
-                    f"max_credits is set but the price of {', '.join(unknown)} is unknown — add them under 'credits:' in the manifest",
-                )
-            ]
-        )
-    if spent + cost > max_credits:
-        raise ManifestError(
-            [
-                Problem(
-                    plan.manifest.file,
-                    line,
-                    f"the plan costs {cost:g} credits ({spent:g} already spent), more than max_credits {max_credits:g} — "
-                    "raise max_credits or trim the manifest",
-                )
-            ]
-        )
-
-
 async def run_campaign(
     plan: Plan | None,
     config: RunConfig,
     *,
-    api_key: str,
-    base_url: str,
+    api_key: str | None = None,
+    base_url: str | None = None,
     host_header: str | None = None,
+    client: Client | None = None,
+    on_start: Callable[[Preview], None] | None = None,
     on_event: EventHandler | None = None,
     rng: random.Random | None = None,
     interrupt: Interrupt | None = None,
 ) -> RunResult:
     """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command.
 
-    With ``plan=None`` the directory's stored jobs are run as they are (``retry``). An
+    With ``plan=None`` the directory's stored jobs are run as they are (``retry``). First it
+    refuses what ``plan`` refuses (:func:`~batchrunner.preview.check`), before anything is
+    written or sent. ``on_start`` hears where the run starts (done, in flight, to submit)
+    before its first request. ``client``, an open :class:`Client` (or a subclass: tests use
+    one to produce answers the sandbox cannot), replaces the one made from ``api_key``,
+    ``base_url`` and ``host_header``; the caller keeps it open and closes it. An
     ``interrupt`` lets the caller stop the run (outcome ``interrupted``, state saved).
     """
-    from .client import API_HOST
+    from contextlib import AsyncExitStack
+
+    from .client import API_HOST, DEFAULT_BASE_URL
     from .report import write_reports
 
-    if plan is not None:
-        check_budget(plan, config.max_credits, config.out_dir)
+    if client is None and not api_key:
+        raise AuthError("no API key: pass api_key (the CLI reads CLIPRISE_API_KEY), or an open client")
+    check(plan, config)
     store = Store.open(config.out_dir, create=plan is not None)
+    resuming = plan is None
     try:
         if plan is not None:
             store.claim(plan.manifest.name, force=config.force)
             store.set_meta("group_var", plan.group_var or "")
-            store.sync(plan.specs)
+            resuming = bool(store.sync(plan.specs).known)
     except StateError:
         store.close()
         raise
-    started = time.time()
+    started_at = time.time()
     outcome, error = "interrupted", None
     try:
+        before = store.totals()
         store.start_run()
-        store.recover()
+        found = store.recover()
         store.reset_failed(retryable_only=not config.retry_failed)
-        async with Client(
-            api_key=api_key,
-            base_url=base_url,
-            host_header=host_header or API_HOST,
-            connections=config.concurrency + config.poll_connections,
-        ) as client:
+        start = started(
+            config.out_dir, store.counts(), found,
+            spent=before["credits_spent"], ambiguous_before=int(before["ambiguous_resubmitted"]), resuming=resuming,
+        )  # fmt: skip
+        if on_start is not None:
+            on_start(start)
+        async with AsyncExitStack() as stack:
+            if client is None:
+                client = await stack.enter_async_context(
+                    Client(
+                        api_key=api_key or "",
+                        base_url=base_url or DEFAULT_BASE_URL,
+                        host_header=host_header or API_HOST,
+                        connections=config.concurrency + config.poll_connections,
+                    )
+                )
             runner = Runner(config, store, client, on_event=on_event, rng=rng)
             if interrupt is not None:
                 interrupt._runner = runner
@@ -635,11 +627,12 @@ async def run_campaign(
         raise
     finally:
         try:
-            summary = write_reports(store, wall_s=time.time() - started, outcome=outcome, error=error)
+            summary = write_reports(store, wall_s=time.time() - started_at, outcome=outcome, error=error)
             store.end_run(outcome, summary)
         finally:
             store.close()
-    return RunResult(outcome, dict(summary["counts"]), summary, error)
+    counts = dict(summary["counts"])
+    return RunResult(outcome, counts, summary, error, start=start, tally=tally(start, counts, summary["ambiguous_resubmitted"]))
 
 
 def scale_expected(scale: float) -> dict[str, float]:

@@ -448,6 +448,65 @@ def peek(out_dir: Path) -> tuple[set[str], float]:
     return done, spent
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What an output directory's state holds, read without locking, creating or migrating anything.
+
+    ``jobs`` maps id to the row (id, state, path, retryable, has a task id (0/1), credits, in the manifest (0/1)).
+    ``locked_by`` is the pid of a run holding the directory, if any.
+    """
+
+    campaign: str | None
+    jobs: dict[str, tuple[str, str, str | None, int, int, float | None, int]]
+    spent: float
+    ambiguous: int
+    locked_by: str | None
+
+
+def snapshot(out_dir: Path, *, jobs: bool = True) -> Snapshot | None:
+    """The state of ``out_dir`` as :mod:`batchrunner.preview` needs it (without ``jobs``: campaign and lock only); None if it has none.
+
+    Raises the :class:`StateError` that :meth:`Store.open` would raise for a state it cannot use.
+    """
+    state_dir = out_dir / STATE_DIR
+    db = state_dir / "state.sqlite"
+    if not db.exists():
+        return None
+    locked_by = None
+    try:
+        fd = os.open(state_dir / "lock", os.O_RDONLY)
+    except OSError:
+        pass
+    else:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            locked_by = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        finally:
+            os.close(fd)  # releases the shared lock
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StateError(f"{out_dir} was written by a newer batchrunner (state version {version}) — upgrade batchrunner")
+            if version == 0:  # created but never migrated: nothing in it yet
+                return Snapshot(campaign=None, jobs={}, spent=0.0, ambiguous=0, locked_by=locked_by)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'campaign'").fetchone()
+            rows, spent, ambiguous = {}, 0.0, 0
+            if jobs:
+                sql = "SELECT id, state, path, retryable, task_id IS NOT NULL, credits, in_manifest FROM jobs"
+                rows = {r[0]: r for r in conn.execute(sql)}
+                spent, ambiguous = conn.execute("SELECT coalesce(sum(credits_spent), 0), coalesce(sum(ambiguous), 0) FROM jobs").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StateError(f"{db} is not a usable batchrunner state file ({exc}) — move it away to start afresh") from exc
+    return Snapshot(
+        campaign=None if row is None else str(row[0]), jobs=rows, spent=float(spent), ambiguous=int(ambiguous), locked_by=locked_by
+    )
+
+
 # fields whose new value is added to the old one rather than replacing it
 _SET_EXPR = {"submits": "submits + ?", "attempts": "attempts + ?", "credits_spent": "credits_spent + ?", "ambiguous": "ambiguous + ?"}
 
