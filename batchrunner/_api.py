@@ -33,11 +33,11 @@ import anyio
 
 from .catalog import Catalog, load_catalog
 from .client import DEFAULT_BASE_URL, Client
+from .dryrun import Preview
+from .dryrun import preview as _preview
 from .errors import AuthError, ManifestError, Problem
 from .expand import Plan, expand
 from .manifest import load
-from .preview import Preview
-from .preview import preview as _preview
 from .runner import EventHandler, Interrupt, RunConfig, RunResult, run_campaign, scale_expected
 from .store import Store
 

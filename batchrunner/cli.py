@@ -22,9 +22,9 @@ from typing import Any, TextIO
 import anyio
 
 from . import __version__, _api
+from .dryrun import Preview
 from .errors import BatchRunnerError, ManifestError, StateError
 from .expand import Plan
-from .preview import Preview
 from .runner import Interrupt, RunResult, scale_expected
 from .store import Job, Store
 

@@ -36,6 +36,7 @@ import anyio
 from .catalog import model_fields
 from .client import Client, Failed, Processing, Unrecognised
 from .download import Finisher, save
+from .dryrun import Preview, RunTally, check, started, tally
 from .errors import (
     AmbiguousSubmit,
     AuthError,
@@ -49,7 +50,6 @@ from .errors import (
     Unreachable,
 )
 from .expand import Plan
-from .preview import Preview, RunTally, check, started, tally
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
 
 FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
@@ -560,7 +560,7 @@ async def run_campaign(
     """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command.
 
     With ``plan=None`` the directory's stored jobs are run as they are (``retry``). First it
-    refuses what ``plan`` refuses (:func:`~batchrunner.preview.check`), before anything is
+    refuses what ``plan`` refuses (:func:`~batchrunner.dryrun.check`), before anything is
     written or sent. ``on_start`` hears where the run starts (done, in flight, to submit)
     before its first request. ``client``, an open :class:`Client` (or a subclass: tests use
     one to produce answers the sandbox cannot), replaces the one made from ``api_key``,

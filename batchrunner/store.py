@@ -464,7 +464,7 @@ class Snapshot:
 
 
 def snapshot(out_dir: Path, *, jobs: bool = True) -> Snapshot | None:
-    """The state of ``out_dir`` as :mod:`batchrunner.preview` needs it (without ``jobs``: campaign and lock only); None if it has none.
+    """The state of ``out_dir`` as :mod:`batchrunner.dryrun` needs it (without ``jobs``: campaign and lock only); None if it has none.
 
     Raises the :class:`StateError` that :meth:`Store.open` would raise for a state it cannot use.
     """

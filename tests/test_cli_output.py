@@ -31,7 +31,7 @@ import pytest
 from batchrunner import cli as cli_module
 from batchrunner import load_plan
 from batchrunner.cli import PLAIN_EVERY_S, Progress, main
-from batchrunner.preview import Preview
+from batchrunner.dryrun import Preview
 from batchrunner.store import STATE_DIR, JobState, Store, peek
 
 from .conftest import ROOT, cli

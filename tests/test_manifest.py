@@ -231,7 +231,7 @@ BROKEN = [
     ("- just\n- a list\n", "a manifest is a mapping"),
     ("name: a\nname: b\njobs:\n  - {model: flux-2, prompt: x}\n", "m.yaml:2: 'name' is given twice"),
     ("matrix: {p: []}\njobs:\n  - {model: flux-2, prompt: x}\n", "matrix.p: must be a non-empty list"),
-    # plan refuses what run refuses (one check, batchrunner.preview)
+    # plan refuses what run refuses (one check, batchrunner.dryrun)
     ("max_credits: 1\njobs:\n  - {model: flux-2, prompt: x}\n", "m.yaml:1: max_credits is set but the price of flux-2 is unknown"),
     ("credits: {flux-2: 2}\nmax_credits: 1\njobs:\n  - {model: flux-2, prompt: x}\n", "the plan costs 2 credits to run"),
     ("credits: {flux-2: 1}\nmax_credits: 1\njobs:\n  - {model: flux-2, prompt: x}\n", None),
