@@ -408,7 +408,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     store = Store.open(Path(args.dir), lock=False, create=False)
     try:
-        result = export_approved(store, Path(args.dest))
+        result = export_approved(store, args.dest)
     finally:
         store.close()
     for path in result.changed:

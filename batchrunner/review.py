@@ -320,7 +320,7 @@ class Exported:
     changed: list[str]  # exported, but no longer the bytes batchrunner made (edited by hand since?)
 
 
-def export_approved(store: Store, dest: Path) -> Exported:
+def export_approved(store: Store, dest: str | Path) -> Exported:
     """Copy every approved result of ``store`` to ``dest`` under the same relative path, and list them in :data:`EXPORT_LISTING`.
 
     Each file is copied atomically (temp, fsync, rename) and read without following a
@@ -328,8 +328,9 @@ def export_approved(store: Store, dest: Path) -> Exported:
     vars). ``dest`` must lie outside the output folder, and the output folder outside it.
     A file that cannot be read is reported and skipped; the others are still exported.
     """
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(dest)):
+    if isinstance(dest, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", dest):
         raise StateError(f"{dest}: exporting to object storage comes with result storage — export to a folder for now")
+    dest = Path(dest)
     out, target = store.out_dir.resolve(), dest.resolve()
     if target == out or out in target.parents:
         raise StateError(f"{dest} is inside the output folder {store.out_dir} — export to a folder outside it")
