@@ -260,6 +260,7 @@ class Gallery:
         self.first = (self.page - 1) * GALLERY_LIMIT  # jobs before this page
         self.groups: dict[str, list[str]] = {}
         self.values: dict[str, dict[str, int]] = {key: {} for key in _BUILTIN_FILTERS}
+        self.values["review"] = {"": 0, "approved": 0, "rejected": 0}  # offered from the start: decisions come while one looks
         self.reviews: dict[str, int] = {}
         self.seen = self.shown = 0
 
@@ -411,9 +412,8 @@ class Gallery:
             )
         for key, cards in self.groups.items():
             heading = f"{_e(group_var)} {_e(key)}" if group_var else _e(key)
-            parts.append(f"<section><h2>{heading} <small class=n>({len(cards)})</small></h2><div class=grid>")
-            parts.extend(cards)
-            parts.append("</div></section>")
+            grid = "".join(cards)  # no text nodes between cards: thousands fewer nodes to parse
+            parts.append(f"<section><h2>{heading} <small class=n>({len(cards)})</small></h2><div class=grid>{grid}</div></section>")
         parts.append(
             "</main><div id=lightbox hidden role=dialog aria-modal=true aria-label=enlarged tabindex=-1>"
             "<button type=button id=lb-close title='close (Esc)'>×</button><button type=button id=lb-prev title='previous (←)'>‹</button>"
@@ -501,7 +501,7 @@ SCRIPT = r"""
       for (var i = 0; i < keys.length && misses < 2; i++) {
         if ((it.f[keys[i]] || '') !== act[keys[i]]) { misses++; missed = keys[i]; }
       }
-      it.el.hidden = misses > 0;
+      if (it.el.hidden !== misses > 0) it.el.hidden = misses > 0;  // untouched cards cost no style work
       if (!misses) { shown++; perSection[it.section]++; }
       if (misses > 1) return;
       selects.forEach(function (s) {  // an option counts the items it would show with the other filters kept
@@ -520,7 +520,7 @@ SCRIPT = r"""
       s.options[0].textContent = 'all (' + total + ')';
     });
     sections.forEach(function (sec, i) {
-      sec.hidden = perSection[i] === 0;
+      if (sec.hidden !== (perSection[i] === 0)) sec.hidden = perSection[i] === 0;
       var n = sec.querySelector('.n');
       if (n) n.textContent = '(' + perSection[i] + (keys.length ? ' of ' + sec.querySelectorAll('.card').length : '') + ')';
     });
