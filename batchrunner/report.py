@@ -371,6 +371,8 @@ class Gallery:
         keys = "click or Enter: enlarge · ←/→: move · Esc: close"
         if self.review_token is not None:
             keys += " · a: approve · r: reject · u: undecide"
+        else:
+            keys += " · to approve or reject: batchrunner review DIR"
         return (
             f"<nav id=filters>{''.join(selects)}<button type=button id=clear>clear filters</button>"
             f"<span id=shown>{self.shown} shown</span><span class=keys>{keys}</span><span id=msg role=status></span></nav>"

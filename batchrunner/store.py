@@ -498,7 +498,8 @@ class Store:
         its place, what it cost so far, and in ``origin`` the id the manifest knows it by. The
         runner just sees a pending job; the new result lands at the original path. How this
         meets :meth:`sync`: sync maps the manifest's ids through ``origin`` first, so an
-        unchanged spec keeps finding its job (a changed spec has a new id: a new job, as ever).
+        unchanged spec keeps finding its job (a changed spec has a new id: a new job, as ever;
+        the rejected one, dropped, is still set aside, so the new job never overwrites it).
         Files first, then one transaction: after a crash in between, the job's file is gone,
         so :meth:`recover` sets it pending and this retakes it with no file left to move. A
         file that cannot be moved aside (permissions) keeps its job rejected and done, with
@@ -506,8 +507,8 @@ class Store:
         """
         self.flush()
         rows = self.conn.execute(
-            "SELECT id, origin, take, state, path FROM jobs WHERE review = 'rejected' AND in_manifest = 1 AND state IN ('done', 'pending')"
-        ).fetchall()
+            "SELECT id, origin, take, state, path FROM jobs WHERE review = 'rejected' AND state IN ('done', 'pending')"
+        ).fetchall()  # also jobs dropped from the manifest since: their file is set aside before a new job may take its path
         if not rows:
             return []
         now, retaken, failed = self.clock(), [], []

@@ -129,6 +129,33 @@ def test_unknown_path_is_refused_whole(demo: Path) -> None:
     assert missing.returncode == 2 and "holds no batchrunner state" in missing.stderr
 
 
+def test_max_credits_counts_the_rejected_jobs_a_rerun_makes_again(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    jobs = 'matrix: {p: [a, b, c]}\npath: "{p}.{ext}"\njobs:\n  - {model: flux-2, prompt: "thing {p}"}\n'
+    m = write("m.yaml", "credits: {flux-2: 10}\nmax_credits: 40\n" + jobs)
+    out = tmp_path / "out"
+    assert main(["run", str(m), "--sandbox", "--out", str(out), "--quiet"]) == 0  # 30 credits spent
+    assert cli("reject", str(out), "a.png", "b.png").returncode == 0
+    plan = json.loads(cli("plan", str(m), "--out", str(out), "--json").stdout)
+    assert plan["to_run"] == 2 and plan["credits_to_run"] == 20
+    refused = cli("run", str(m), "--sandbox", "--out", str(out), "--quiet")
+    assert refused.returncode == 2 and "the plan costs 20 credits (30 already spent), more than max_credits 40" in refused.stderr
+    assert (out / "a.png").exists() and not (out / "rejected").exists()  # refused before anything moved
+    assert cli("approve", str(out), "b.png").returncode == 0  # changed my mind: one retake fits the budget
+    assert main(["run", str(m), "--sandbox", "--out", str(out), "--quiet"]) == 0
+    assert (out / "rejected/a.take1.png").is_file() and not (out / "rejected/b.take1.png").exists()
+
+
+def test_a_rejected_job_edited_out_of_the_manifest_is_still_kept_aside(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    m = write("m.yaml", 'matrix: {p: [a, b]}\npath: "{p}.{ext}"\njobs:\n  - {model: flux-2, prompt: "thing {p}"}\n')
+    out = tmp_path / "out"
+    assert main(["run", str(m), "--sandbox", "--out", str(out), "--quiet"]) == 0
+    first = sha(out / "a.png")
+    assert cli("reject", str(out), "a.png").returncode == 0
+    write("m.yaml", 'matrix: {p: [a, b]}\npath: "{p}.{ext}"\njobs:\n  - {model: flux-2, prompt: "thing {p}, brighter"}\n')
+    assert main(["run", str(m), "--sandbox", "--out", str(out), "--quiet"]) == 0  # new ids: new jobs at the same paths
+    assert sha(out / "rejected/a.take1.png") == first and sha(out / "a.png") != first
+
+
 def test_rejected_file_moved_but_state_not_updated_is_retaken_once(demo: Path) -> None:
     """A crash between moving the rejected file aside and recording the retake: the next start finishes the job."""
     assert cli("reject", str(demo), "sneaker/flux-2-1_1-v2.png").returncode == 0
