@@ -160,6 +160,7 @@ async def test_approve_and_reject_in_the_review_page_land_in_the_state(chromium:
             await page.js("document.querySelectorAll('.card')[1].focus()")
             await page.key("r")  # the shortcut on the focused card
             await wait_state(gallery, ids["perfume/flux-2-1_1-v2.png"], "rejected")
+            await page.wait_js("document.querySelectorAll('.card')[1].dataset.review === 'rejected'")  # the page heard back too
 
             await page.js("document.querySelectorAll('.card')[2].focus()")
             await page.key("Enter")
@@ -169,6 +170,7 @@ async def test_approve_and_reject_in_the_review_page_land_in_the_state(chromium:
             await page.key("ArrowLeft")
             await page.key("u")  # back, and undecided again
             await wait_state(gallery, ids["perfume/flux-2-9_16-v1.png"], None)
+            await page.wait_js("document.querySelectorAll('.card')[2].dataset.review === ''")
             await page.key("Escape")
 
             review = "document.querySelector('select[data-key=review]')"
