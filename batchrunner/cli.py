@@ -446,6 +446,65 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- review / approve / reject / export -----------------------------------------------------------
+def cmd_review(args: argparse.Namespace) -> int:
+    from .review import serve
+
+    async def serve_forever() -> None:
+        async with serve(Path(args.dir), port=args.port) as review:
+            print(
+                f"reviewing {review.campaign} at {review.url} — a approve, r reject, u undecide (decisions are saved at once); "
+                "Ctrl-C to stop",
+                flush=True,
+            )
+            await anyio.sleep_forever()
+
+    try:
+        anyio.run(serve_forever)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def _decide(args: argparse.Namespace, decision: str) -> int:
+    from .review import decide_paths
+
+    paths = decide_paths(Path(args.dir), args.paths, decision)
+    print(f"{decision} {len(paths)} in {args.dir}")
+    if decision == "rejected":
+        print(f"the next `batchrunner run` (or `batchrunner retry {args.dir}`) makes them again; these files move to {args.dir}/rejected/")
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _decide(args, "approved")
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    return _decide(args, "rejected")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .review import export_approved
+
+    if not args.approved:
+        print("error: say what to export: --approved (the results approved in review; the only choice for now)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    store = Store.open(Path(args.dir), lock=False, create=False)
+    try:
+        result = export_approved(store, args.dest)
+    finally:
+        store.close()
+    for path in result.changed:
+        print(f"warning: {path} is no longer the file batchrunner made (edited since?); exported as it is", file=sys.stderr)
+    for problem in result.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if not result.files and not result.problems:
+        print(f"nothing is approved in {args.dir} yet — approve with `batchrunner review {args.dir}` or `batchrunner approve`")
+    print(f"exported {result.files} approved files ({result.bytes:,} bytes) to {args.dest}; listed in {result.listing}")
+    return EXIT_FAILED if result.problems else EXIT_OK
+
+
 # -- parser ----------------------------------------------------------------------------------
 def _number(kind: type[int] | type[float], what: str, ok: Any) -> Any:
     """An argparse type: a number that ``ok`` accepts, else a plain error naming the flag (exit 2)."""
@@ -611,6 +670,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--credits", type=float, default=None, help="account balance, 402 when spent (default: unlimited)")
     p.set_defaults(func=cmd_sandbox)
+
+    p = command(
+        "review",
+        "approve or reject results in the gallery, served on 127.0.0.1",
+        "batchrunner review out/demo",
+        "batchrunner review out/demo --port 8765",
+    )
+    p.add_argument("dir")
+    p.add_argument("--port", type=int, default=0, help="the port on 127.0.0.1 (default: a free one, printed)")
+    p.set_defaults(func=cmd_review)
+
+    for name, what, func in (
+        ("approve", "approve results by path (as report.csv lists them)", cmd_approve),
+        ("reject", "reject results by path: the next run makes them again, keeping these under DIR/rejected/", cmd_reject),
+    ):
+        p = command(name, what, f"batchrunner {name} out/demo perfume/flux-2-1_1-v1.png watch/flux-2-9_16-v2.png")
+        p.add_argument("dir")
+        p.add_argument("paths", nargs="+", metavar="PATH", help="a result's path relative to DIR")
+        p.set_defaults(func=func)
+
+    p = command(
+        "export", "copy the approved results to a folder, with a CSV of what was copied", "batchrunner export out/demo delivery --approved"
+    )
+    p.add_argument("dir")
+    p.add_argument("dest", help="a folder outside DIR (made if missing); files keep their paths")
+    p.add_argument("--approved", action="store_true", help="the results approved in review (required: the only choice for now)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -22,7 +22,9 @@ finished download not yet marked done is fetched again, free).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -41,6 +43,8 @@ from .expand import JobSpec
 STATE_DIR = ".batchrunner"
 GROUP_S = 0.001  # how long the first job asking for a commit waits for others to share it
 NOT_RETRYABLE, RESUBMIT, REPOLL = 0, 1, 2
+REJECTED_DIR = "rejected"  # under the output folder: rejected results, kept as <name>.take<n>.<ext>
+REVIEW_DECISIONS = ("approved", "rejected", None)
 
 
 class JobState(StrEnum):
@@ -83,6 +87,12 @@ MIGRATIONS = (
     # 2: the work list and the reports read jobs in manifest order, a page at a time; the
     # 'downloading' state is gone (a job caught mid-download was always polled again)
     "CREATE INDEX jobs_by_idx ON jobs (idx); UPDATE jobs SET state = 'submitted' WHERE state = 'downloading';",
+    # review (issue 15; the lead renumbers): a decision per finished job, and takes — a rejected job is made again
+    # as its next take under a new id, ``origin`` keeping the id the manifest knows it by (NULL on a first take)
+    "ALTER TABLE jobs ADD COLUMN review TEXT; ALTER TABLE jobs ADD COLUMN reviewed_at REAL; "
+    "ALTER TABLE jobs ADD COLUMN take INTEGER NOT NULL DEFAULT 1; ALTER TABLE jobs ADD COLUMN origin TEXT; "
+    "CREATE UNIQUE INDEX jobs_by_origin ON jobs (origin) WHERE origin IS NOT NULL; "
+    "CREATE INDEX jobs_by_review ON jobs (review) WHERE review IS NOT NULL;",
 )
 
 
@@ -227,6 +237,8 @@ class Store:
             self.conn.executemany(
                 "INSERT INTO incoming VALUES (?,?,?,?,?,?)", ((s.id, s.index, s.model, s.modality, _spec_json(s), s.credits) for s in specs)
             )
+            if self.conn.execute("SELECT 1 FROM jobs WHERE origin IS NOT NULL LIMIT 1").fetchone():  # retaken jobs: see retake_rejected
+                self.conn.execute("UPDATE incoming SET id = j.id FROM jobs j WHERE j.origin = incoming.id")
             known: dict[str, int] = {}
             respec = replace = 0
             for state, n, spec_differs, place_differs in self.conn.execute(
@@ -279,6 +291,7 @@ class Store:
         """After a crash: a job caught mid-submit is ambiguous (resubmitted, counted); a done job whose file is gone runs again.
 
         (A job caught mid-download is still ``submitted``: it is simply polled and fetched again.)
+        Then every job rejected in review becomes its next take (:meth:`retake_rejected`).
         """
         self.flush()
         now = self.clock()
@@ -305,7 +318,7 @@ class Store:
                 if name not in files[folder]:
                     missing.append(job_id)
             self.conn.executemany("UPDATE jobs SET state = 'pending', path = NULL, sha256 = NULL WHERE id = ?", ((i,) for i in missing))
-        return {"ambiguous": len(ids), "files_missing": len(missing)}
+        return {"ambiguous": len(ids), "files_missing": len(missing), "retaken": len(self.retake_rejected())}
 
     def reset_failed(self, *, retryable_only: bool) -> int:
         """Failed jobs back to work: the retryable ones on every run, all of them on ``retry``.
@@ -430,16 +443,161 @@ class Store:
             sql += f" AND state IN ({','.join('?' * len(params))})"
         return iter(self.conn.execute(sql + " ORDER BY idx", params))
 
+    # -- review: decisions and takes --------------------------------------------------------
+    def finished_at(self, paths: Iterable[str]) -> dict[str, str]:
+        """{path: job id} of the finished jobs at ``paths`` (relative to the output folder, as in report.csv); unknown ones left out."""
+        wanted, found = list(dict.fromkeys(paths)), {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            rows = self.conn.execute(
+                f"SELECT path, id FROM jobs WHERE in_manifest = 1 AND state = 'done' AND path IN ({','.join('?' * len(chunk))})", chunk
+            )
+            found.update({str(path): str(job_id) for path, job_id in rows})
+        return found
+
+    def decide(self, job_ids: Iterable[str], decision: str | None) -> list[str]:
+        """Record a review decision (``approved``, ``rejected``, or None to clear it) on finished jobs, committed at once.
+
+        Returns the ids it applied to: an id that is not a finished job of the campaign (a
+        job retaken since the page was loaded, say) is left out. Safe beside a running run:
+        the run never writes these columns, and SQLite serialises the two writers.
+        """
+        if decision not in REVIEW_DECISIONS:
+            raise ValueError(f"a review decision is one of {', '.join(map(str, REVIEW_DECISIONS))}, not {decision!r}")
+        self.flush()
+        now, changed = self.clock(), []
+        try:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                for job_id in job_ids:
+                    cur = self.conn.execute(
+                        "UPDATE jobs SET review = ?, reviewed_at = ? WHERE id = ? AND state = 'done' AND in_manifest = 1",
+                        (decision, now if decision else None, job_id),
+                    )
+                    if cur.rowcount:
+                        changed.append(job_id)
+                        self.conn.execute(
+                            "INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, 'review', ?)",
+                            (self.run_id, job_id, now, decision or "decision cleared"),
+                        )
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot record the decision in {self.out_dir / STATE_DIR}: {exc} — try again") from exc
+        return changed
+
+    def reviewed(self, decision: str) -> Iterator[sqlite3.Row]:
+        """The finished jobs that carry ``decision``, in manifest order."""
+        return iter(
+            self.conn.execute("SELECT * FROM jobs WHERE in_manifest = 1 AND state = 'done' AND review = ? ORDER BY idx", (decision,))
+        )
+
+    def retake_rejected(self) -> list[str]:
+        """Every job rejected in review becomes its next take, pending under a new id; returns the new ids.
+
+        Its file and sidecar are moved aside to ``rejected/<folder>/<name>.take<n>.<ext>``
+        (never deleted), and the row goes back to ``pending`` under :func:`retake_id`, keeping
+        its place, what it cost so far, and in ``origin`` the id the manifest knows it by. The
+        runner just sees a pending job; the new result lands at the original path. How this
+        meets :meth:`sync`: sync maps the manifest's ids through ``origin`` first, so an
+        unchanged spec keeps finding its job (a changed spec has a new id: a new job, as ever;
+        the rejected one, dropped, is still set aside, so the new job never overwrites it).
+        Files first, then one transaction: after a crash in between, the job's file is gone,
+        so :meth:`recover` sets it pending and this retakes it with no file left to move. A
+        file that cannot be moved aside (permissions) keeps its job rejected and done, with
+        an event saying why, rather than being overwritten.
+        """
+        self.flush()
+        rows = self.conn.execute(
+            "SELECT id, origin, take, state, path FROM jobs WHERE review = 'rejected' AND state IN ('done', 'pending')"
+        ).fetchall()  # also jobs dropped from the manifest since: their file is set aside before a new job may take its path
+        if not rows:
+            return []
+        now, retaken, failed = self.clock(), [], []
+        for job_id, origin, take, state, path in rows:
+            try:
+                aside = self._set_aside(path, take) if state == S.DONE and path else None
+            except OSError as exc:
+                failed.append((job_id, f"the rejected file could not be moved aside ({exc.strerror}); fix it, then run again"))
+                continue
+            kept = f"take {take} rejected in review, kept at {aside}" if aside else f"take {take} rejected in review (its file was gone)"
+            retaken.append((retake_id(origin or job_id, take + 1), origin or job_id, now, job_id, kept))
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(
+                "UPDATE jobs SET id = ?, origin = ?, take = take + 1, state = 'pending', review = NULL, reviewed_at = NULL, "
+                "task_id = NULL, path = NULL, sha256 = NULL, bytes = NULL, error = NULL, retryable = 0, submitted_at = NULL, "
+                "finished_at = NULL, duration_s = NULL, updated_at = ? WHERE id = ?",
+                (r[:4] for r in retaken),
+            )
+            events = [(self.run_id, r[0], now, "retake", r[4]) for r in retaken]
+            events += [(self.run_id, job_id, now, "retake failed", why) for job_id, why in failed]
+            self.conn.executemany("INSERT INTO events (run_id, job_id, at, kind, detail) VALUES (?, ?, ?, ?, ?)", events)
+        return [r[0] for r in retaken]
+
+    def _set_aside(self, path: str, take: int) -> str | None:
+        """Move a rejected result and its sidecar to a free name under ``rejected/``; None when it is already gone."""
+        folder, _, name = path.rpartition("/")
+        stem, dot, ext = name.rpartition(".")
+        if not dot:
+            stem, ext = name, ""
+        base = f"{REJECTED_DIR}/{folder + '/' if folder else ''}{stem}.take{take}"
+        aside, n = f"{base}{dot}{ext}", 1
+        while os.path.lexists(self.out_dir / aside) or os.path.lexists(self.out_dir / f"{aside}.json"):
+            n += 1
+            aside = f"{base}-{n}{dot}{ext}"
+        src, dst = self.out_dir / path, self.out_dir / aside
+        if not os.path.lexists(src):
+            return None
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)  # a symlink planted at the path is moved as a link, never followed
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(src.with_name(src.name + ".json"), dst.with_name(dst.name + ".json"))
+        return aside
+
+
+def retake_id(origin: str, take: int) -> str:
+    """The id of a job's ``take``-th take (2, 3, …) from its first id, the manifest's (a contract: see the README)."""
+    return hashlib.sha256(f"batchrunner-retake-v1\0{origin}\0{take}".encode()).hexdigest()[:20]
+
+
+def _kept_sql(conn: sqlite3.Connection) -> str:
+    """The finished jobs a re-run keeps, by their manifest ids; a state from before review had no decisions."""
+    if "origin" in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
+        return "SELECT coalesce(origin, id) FROM jobs WHERE state = 'done' AND review IS NOT 'rejected'"
+    return "SELECT id FROM jobs WHERE state = 'done'"
+
+
+def peek_rejected(out_dir: Path) -> set[str]:
+    """Manifest ids of the jobs rejected in review, which the next run or retry makes again; read-only, like :func:`peek`."""
+    db = out_dir / STATE_DIR / "state.sqlite"
+    if not db.exists():
+        return set()
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            if "review" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
+                return set()
+            rows = conn.execute(
+                "SELECT coalesce(origin, id) FROM jobs WHERE review = 'rejected' AND in_manifest = 1 AND state IN ('done', 'pending')"
+            )
+            return {str(r[0]) for r in rows}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StateError(f"{db} is not a usable batchrunner state file ({exc}) — move it away to start afresh") from exc
+
 
 def peek(out_dir: Path) -> tuple[set[str], float]:
-    """(ids of finished jobs, credits spent) of ``out_dir`` without locking or creating anything."""
+    """(manifest ids of the finished jobs a re-run keeps, credits spent) of ``out_dir`` without locking or creating anything.
+
+    Jobs rejected in review are not kept: the next run makes them again (:func:`peek_rejected`).
+    """
     db = out_dir / STATE_DIR / "state.sqlite"
     if not db.exists():
         return set(), 0.0
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
-            done = {r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'done'")}
+            done = {r[0] for r in conn.execute(_kept_sql(conn))}
             spent = float(conn.execute("SELECT coalesce(sum(credits_spent), 0) FROM jobs").fetchone()[0])
         finally:
             conn.close()
