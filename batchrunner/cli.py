@@ -66,6 +66,8 @@ def _settings(args: argparse.Namespace, retry: bool) -> dict[str, Any]:
 def _rerun_line(start: Preview) -> str:
     """What a re-run does, in one sentence: skipped, run, and why some are run again."""
     why = []
+    if start.rejected:
+        why.append(f"{start.rejected} rejected in review: made again as new takes")
     if start.files_gone:
         why.append(f"{start.files_gone} because their result file is gone")
     if start.in_flight:
@@ -96,6 +98,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "to_submit": start.to_submit,
             "in_flight": start.in_flight,
             "files_gone": start.files_gone,
+            "rejected_to_redo": start.rejected,
             "ambiguous": start.ambiguous,
             "stays_failed": start.stays_failed,
             "paths": [s.path for s in plan.specs[:10]],
@@ -695,7 +698,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir")
     p.add_argument("dest", help="a folder outside DIR (made if missing); files keep their paths")
-    p.add_argument("--approved", action="store_true", help="the results approved in review (required: the only choice for now)")
+    p.add_argument("--approved", action="store_true", help="the results approved in review (required, no default: the only choice for now)")
     p.set_defaults(func=cmd_export)
     return parser
 

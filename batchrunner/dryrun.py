@@ -34,7 +34,8 @@ class Preview:
     failures, ``files_gone`` and ``ambiguous`` included). ``stays_failed``: failed for good,
     left alone (``batchrunner retry DIR`` runs them). ``files_gone``: finished once, but the
     file was deleted: made and paid again. ``ambiguous``: caught mid-submit by a hard kill:
-    resubmitted, possibly paid twice. ``credits_to_submit`` is None when a price is unknown.
+    resubmitted, possibly paid twice. ``rejected``: rejected in review: made again as a new
+    take (counted in ``to_submit``). ``credits_to_submit`` is None when a price is unknown.
     """
 
     out_dir: Path
@@ -49,6 +50,7 @@ class Preview:
     spent: float
     ambiguous_before: int
     resuming: bool
+    rejected: int = 0
 
     @property
     def to_run(self) -> int:
@@ -142,6 +144,7 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
         spent=snap.spent if snap is not None else 0.0,
         ambiguous_before=snap.ambiguous if snap is not None else 0,
         resuming=bool(stored),
+        rejected=sum(1 for job_id, *_ in jobs if snap is not None and job_id in snap.rejected),
     )
     if plan is not None:
         _check_budget(plan, config.max_credits, result, unknown)

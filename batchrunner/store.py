@@ -559,31 +559,10 @@ def retake_id(origin: str, take: int) -> str:
     return hashlib.sha256(f"batchrunner-retake-v1\0{origin}\0{take}".encode()).hexdigest()[:20]
 
 
-def _kept_sql(conn: sqlite3.Connection) -> str:
-    """The finished jobs a re-run keeps, by their manifest ids; a state from before review had no decisions."""
-    if "origin" in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
-        return "SELECT coalesce(origin, id) FROM jobs WHERE state = 'done' AND review IS NOT 'rejected'"
-    return "SELECT id FROM jobs WHERE state = 'done'"
-
-
 def peek_rejected(out_dir: Path) -> set[str]:
-    """Manifest ids of the jobs rejected in review, which the next run or retry makes again; read-only, like :func:`peek`."""
-    db = out_dir / STATE_DIR / "state.sqlite"
-    if not db.exists():
-        return set()
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            if "review" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
-                return set()
-            rows = conn.execute(
-                "SELECT coalesce(origin, id) FROM jobs WHERE review = 'rejected' AND in_manifest = 1 AND state IN ('done', 'pending')"
-            )
-            return {str(r[0]) for r in rows}
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise StateError(f"{db} is not a usable batchrunner state file ({exc}) — move it away to start afresh") from exc
+    """Manifest ids of the jobs rejected in review, which the next run or retry makes again; read-only."""
+    snap = snapshot(out_dir)
+    return set(snap.rejected) if snap is not None else set()
 
 
 def peek(out_dir: Path) -> tuple[set[str], float]:
@@ -591,27 +570,21 @@ def peek(out_dir: Path) -> tuple[set[str], float]:
 
     Jobs rejected in review are not kept: the next run makes them again (:func:`peek_rejected`).
     """
-    db = out_dir / STATE_DIR / "state.sqlite"
-    if not db.exists():
+    snap = snapshot(out_dir)
+    if snap is None:
         return set(), 0.0
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            done = {r[0] for r in conn.execute(_kept_sql(conn))}
-            spent = float(conn.execute("SELECT coalesce(sum(credits_spent), 0) FROM jobs").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise StateError(f"{db} is not a usable batchrunner state file ({exc}) — move it away to start afresh") from exc
-    return done, spent
+    return {job_id for job_id, row in snap.jobs.items() if row[1] == "done"}, snap.spent
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """What an output directory's state holds, read without locking, creating or migrating anything.
 
-    ``jobs`` maps id to the row (id, state, path, retryable, has a task id (0/1), credits, in the manifest (0/1)).
-    ``locked_by`` is the pid of a run holding the directory, if any.
+    ``jobs`` maps the manifest's id (a retaken job's first id) to the row (that id, state, path,
+    retryable, has a task id (0/1), credits, in the manifest (0/1)); a finished job rejected in
+    review is ``pending`` there, as the next run makes it again. ``rejected`` holds the
+    manifest ids of jobs rejected in review and not yet made again. ``locked_by`` is the pid of
+    a run holding the directory, if any.
     """
 
     campaign: str | None
@@ -619,6 +592,7 @@ class Snapshot:
     spent: float
     ambiguous: int
     locked_by: str | None
+    rejected: frozenset[str] = frozenset()
 
 
 def snapshot(out_dir: Path, *, jobs: bool = True) -> Snapshot | None:
@@ -651,17 +625,30 @@ def snapshot(out_dir: Path, *, jobs: bool = True) -> Snapshot | None:
             if version == 0:  # created but never migrated: nothing in it yet
                 return Snapshot(campaign=None, jobs={}, spent=0.0, ambiguous=0, locked_by=locked_by)
             row = conn.execute("SELECT value FROM meta WHERE key = 'campaign'").fetchone()
-            rows, spent, ambiguous = {}, 0.0, 0
+            rows: dict[str, Any] = {}
+            spent, ambiguous, rejected = 0.0, 0, frozenset[str]()
             if jobs:
-                sql = "SELECT id, state, path, retryable, task_id IS NOT NULL, credits, in_manifest FROM jobs"
-                rows = {r[0]: r for r in conn.execute(sql)}
+                reviewed = "origin" in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}  # a state from before review: none
+                first_id, redo = ("coalesce(origin, id)", "state = 'done' AND review IS 'rejected'") if reviewed else ("id", "0")
+                sql = (
+                    f"SELECT {first_id}, CASE WHEN {redo} THEN 'pending' ELSE state END, path, retryable, task_id IS NOT NULL, "
+                    f"credits, in_manifest, {redo} FROM jobs"
+                )
+                all_rows = conn.execute(sql).fetchall()
+                rows = {r[0]: r[:7] for r in all_rows}
+                rejected = frozenset(r[0] for r in all_rows if r[7] and r[6])
                 spent, ambiguous = conn.execute("SELECT coalesce(sum(credits_spent), 0), coalesce(sum(ambiguous), 0) FROM jobs").fetchone()
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
         raise StateError(f"{db} is not a usable batchrunner state file ({exc}) — move it away to start afresh") from exc
     return Snapshot(
-        campaign=None if row is None else str(row[0]), jobs=rows, spent=float(spent), ambiguous=int(ambiguous), locked_by=locked_by
+        campaign=None if row is None else str(row[0]),
+        jobs=rows,
+        spent=float(spent),
+        ambiguous=int(ambiguous),
+        locked_by=locked_by,
+        rejected=rejected,
     )
 
 

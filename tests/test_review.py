@@ -84,7 +84,7 @@ def test_reject_three_then_rerun_makes_exactly_those_three_again(tmp_path: Path)
         assert state_rows(out, "SELECT count(*) FROM jobs WHERE review = 'rejected'") == [(3,)]
         assert peek_rejected(out) == {old[p][0] for p in rejected}
         plan = json.loads(cli("plan", str(DEMO), "--out", str(out), "--json").stdout)
-        assert plan["to_run"] == 3 and plan["already_done"] == 15  # peek no longer counts rejected results as kept
+        assert plan["to_run"] == 3 and plan["already_done"] == 15 and plan["rejected_to_redo"] == 3
 
         again = cli(*run, env=env)
         assert again.returncode == 0, again.stderr
@@ -135,12 +135,15 @@ def test_max_credits_counts_the_rejected_jobs_a_rerun_makes_again(tmp_path: Path
     out = tmp_path / "out"
     assert main(["run", str(m), "--sandbox", "--out", str(out), "--quiet"]) == 0  # 30 credits spent
     assert cli("reject", str(out), "a.png", "b.png").returncode == 0
-    plan = json.loads(cli("plan", str(m), "--out", str(out), "--json").stdout)
-    assert plan["to_run"] == 2 and plan["credits_to_run"] == 20
+    too_much = "the plan costs 20 credits to run (30 already spent), more than max_credits 40"
+    planned = cli("plan", str(m), "--out", str(out), "--json")  # plan refuses what run refuses
+    assert planned.returncode == 2 and too_much in planned.stderr
     refused = cli("run", str(m), "--sandbox", "--out", str(out), "--quiet")
-    assert refused.returncode == 2 and "the plan costs 20 credits (30 already spent), more than max_credits 40" in refused.stderr
+    assert refused.returncode == 2 and too_much in refused.stderr
     assert (out / "a.png").exists() and not (out / "rejected").exists()  # refused before anything moved
     assert cli("approve", str(out), "b.png").returncode == 0  # changed my mind: one retake fits the budget
+    plan = json.loads(cli("plan", str(m), "--out", str(out), "--json").stdout)
+    assert plan["to_run"] == 1 and plan["credits_to_run"] == 10 and plan["rejected_to_redo"] == 1
     assert main(["run", str(m), "--sandbox", "--out", str(out), "--quiet"]) == 0
     assert (out / "rejected/a.take1.png").is_file() and not (out / "rejected/b.take1.png").exists()
 
