@@ -29,15 +29,17 @@ import anyio
 
 from .catalog import model_fields
 from .client import Client, Failed, Processing
-from .download import Finisher, save
+from .download import Finisher, Limits, save
 from .errors import (
     AmbiguousSubmit,
     BatchRunnerError,
     FatalApiError,
     ManifestError,
+    OutputUnwritable,
     PermanentApiError,
     Problem,
     RateLimited,
+    ResultWriteError,
     StateError,
     TransientApiError,
     UnknownTask,
@@ -65,6 +67,9 @@ class RunConfig:
     poll_cap_s: float = 60.0
     poll_connections: int = 32
     job_deadline_s: float = 6 * 3600.0
+    download_deadline_s: float = 600.0  # one result download, start to end
+    download_min_rate_bps: float = 1024.0  # averaged over each download_rate_window_s; 0: no minimum
+    download_rate_window_s: float = 30.0
     max_ambiguous: int = 3
     force: bool = False
     retry_failed: bool = False
@@ -198,9 +203,12 @@ class Runner:
         self._slots = anyio.Semaphore(config.concurrency)
         self._polls = anyio.CapacityLimiter(config.poll_connections)
         self._scope: anyio.CancelScope | None = None
+        self._limits = Limits(
+            deadline_s=config.download_deadline_s, min_rate_bps=config.download_min_rate_bps, window_s=config.download_rate_window_s
+        )
 
     async def run(self, jobs: Iterable[Job]) -> None:
-        self._finisher = Finisher()
+        self._finisher = Finisher(self.config.out_dir)
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flusher)
@@ -241,6 +249,12 @@ class Runner:
             self._stop(exc.message)
             if self._scope is not None:
                 self._scope.cancel()
+        except OutputUnwritable as exc:  # nothing can be written (disk full): stop as for a fatal API error, state saved
+            self._stop(exc.message)
+            if self._scope is not None:
+                self._scope.cancel()
+        except ResultWriteError as exc:
+            self._fail(job, exc.message, REPOLL)
         except UnknownTask as exc:
             self._fail(job, f"{exc.message}: it is resubmitted on the next run", RESUBMIT)
         except PermanentApiError as exc:
@@ -349,7 +363,9 @@ class Runner:
                             "request": job.body, "vars": job.vars,
                             "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
                         }  # fmt: skip
-                        fetched = await save(answer, self.config.out_dir, job.path, sidecar, self._finisher)
+                        fetched = await save(
+                            answer, self.config.out_dir, job.path, sidecar, self._finisher, modality=job.modality, limits=self._limits
+                        )
             except RateLimited as exc:
                 self.pacer.rate_limited(exc.retry_after_s, 1.0)
                 continue

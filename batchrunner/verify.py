@@ -262,7 +262,7 @@ def _bmff(src: _Source) -> Media:
         raise MediaError("MP4 has no 'moov' box (the index a player needs)")
     brand = src.at(top[0][1], 4) if kinds[0] == b"ftyp" else b""
     kind = "mov" if brand == b"qt  " else "m4a" if brand in (b"M4A ", b"M4B ", b"M4P ") else "mp4"
-    handlers = set()
+    handlers: set[bytes] = set()
     try:
         for _, moov_start, moov_end in (box for box in top if box[0] == b"moov"):
             for trak in (b for b in _boxes(src, moov_start, moov_end, "MP4") if b[0] == b"trak"):
@@ -328,7 +328,7 @@ def _ebml(src: _Source) -> Media:
         raise MediaError(f"{kind.upper()} has no Segment after its EBML header")
     if stop is not None and stop != src.size:  # a Segment of known size ends where the file does
         raise MediaError(f"{kind.upper()} is {src.size} bytes where its Segment ends at byte {stop}")
-    types = set()
+    types: set[bytes] = set()
     for ident, first, last in _ebml_children(src, start, src.size if stop is None else stop):
         if ident == 0x1654AE6B:  # Tracks → TrackEntry → TrackType (1 video, 2 audio)
             for entry in (c for c in _ebml_children(src, first, last) if c[0] == 0xAE):
