@@ -86,7 +86,7 @@ def _a(word: str) -> str:
 def _check(src: _Source) -> Media:
     if src.size == 0:
         raise MediaError("the result is empty (0 bytes)")
-    head = src.at(0, 16)
+    head = src.at(0, 32)
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return _png(src)
     if head.startswith(b"\xff\xd8\xff"):
@@ -112,7 +112,7 @@ def _describe(head: bytes) -> str:
     """The first bytes as the user would recognise them: text quoted, anything else in hex."""
     text = head.rstrip(b"\x00")
     if text and all(32 <= b < 127 or b in (9, 10, 13) for b in text):
-        return repr(text.decode("ascii").strip()[:16])
+        return repr(text.decode("ascii").strip()[:24])
     return "bytes " + head[:8].hex(" ")
 
 
