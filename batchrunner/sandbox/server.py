@@ -408,6 +408,10 @@ class Sandbox:
             await resp.prepare(request)
             await resp.write(data[: len(data) // 2])
             return self._drop(request)
+        if self._drawn("random_body", c.p_random_body, task):
+            return web.Response(status=200, body=self.rng.randbytes(len(data)), content_type=ctype)
+        if self._drawn("denied_page", c.p_denied_page, task):
+            return web.Response(status=200, body=DENIED_PAGE, content_type="application/octet-stream")
         if self._drawn("truncate_chunked", c.p_truncate_chunked, task):
             resp = web.StreamResponse(status=200, headers={"Content-Type": ctype})
             resp.enable_chunked_encoding()
@@ -420,10 +424,6 @@ class Sandbox:
             request.transport.write(head + data[: len(data) // 2])
             request.transport.close()
             raise web.HTTPException()  # never sent: the answer is already on its way
-        if self._drawn("random_body", c.p_random_body, task):
-            return web.Response(status=200, body=self.rng.randbytes(len(data)), content_type=ctype)
-        if self._drawn("denied_page", c.p_denied_page, task):
-            return web.Response(status=200, body=DENIED_PAGE, content_type="application/octet-stream")
         if self._drawn("slow_body", c.p_slow_body, task):
             resp = web.StreamResponse(status=200, headers={"Content-Type": ctype, "Content-Length": str(len(data))})
             await resp.prepare(request)
