@@ -63,17 +63,17 @@ def verify(source: bytes | int | str | os.PathLike[str], modality: str = "unknow
     """
     if isinstance(source, bytes):
         media = _check(_Source(data=source))
-    elif isinstance(source, int):
-        media = _check(_Source(fd=source))
     else:
+        name = f"file descriptor {source}" if isinstance(source, int) else os.fspath(source)
         try:
-            fd = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = source if isinstance(source, int) else os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                media = _check(_Source(fd=fd))
+            finally:
+                if fd is not source:
+                    os.close(fd)
         except OSError as exc:
-            raise MediaError(f"cannot read {os.fspath(source)}: {exc.strerror}") from exc
-        try:
-            media = _check(_Source(fd=fd))
-        finally:
-            os.close(fd)
+            raise MediaError(f"cannot read {name}: {exc.strerror or exc}") from None
     if modality in MODALITIES and media.modality != modality:
         raise MediaError(f"{_a(modality)} model's result is {_a(media.modality)} file ({media.kind.upper()})")
     return media
