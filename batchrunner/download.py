@@ -109,7 +109,7 @@ def open_folder(root: Path, folder: tuple[str, ...]) -> int:
         rel = "/".join(folder[:depth])
         try:
             if part in ("", ".", ".."):
-                raise ResultWriteError(f"cannot write into {rel!r}: {part!r} is not a folder name")
+                raise ResultWriteError(f"cannot write into {'/'.join(folder)!r}: {part!r} is not a folder name")
             with contextlib.suppress(FileExistsError):
                 os.mkdir(part, 0o777, dir_fd=fd)
             inner = os.open(part, _FOLDER, dir_fd=fd)

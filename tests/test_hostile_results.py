@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from batchrunner.download import Finisher
+from batchrunner.errors import ResultWriteError
 from batchrunner.runner import run_campaign
 from batchrunner.sandbox import serve
 from batchrunner.verify import verify
@@ -222,3 +224,16 @@ def test_a_read_only_file_system_stops_the_run_once(tmp_path: Path, write, tmpfs
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: cannot write ro/three.png: the file system is read-only; nothing more can be written there" in result.stderr
     assert jobs_by_name(out)["three"]["state"] in ("submitted", "pending")
+
+
+async def test_names_the_file_system_refuses_fail_that_result_plainly(tmp_path: Path) -> None:
+    long = "n" * 250  # the result's name fits, its sidecar's temp name (.<name>.json.tmp) does not
+    finisher = Finisher(tmp_path)
+    try:
+        with pytest.raises(ResultWriteError, match=r"^cannot write x/n+\.png: the name is too long for the file system$"):
+            await finisher.finish(f"x/.{long[:200]}.tmp", b"data", f"x/{long}.png", "{}\n")
+        with pytest.raises(ResultWriteError, match=r"^cannot write into '\.\./x': '\.\.' is not a folder name$"):
+            await finisher.finish("../x/.a.tmp", b"data", "../x/a.png", "{}\n")
+    finally:
+        finisher.close()
+    assert [p.name for p in tmp_path.rglob("*")] == ["x"]  # nothing left but the folder made on the way
