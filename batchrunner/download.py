@@ -48,7 +48,7 @@ BATCH = 64  # files finished per wake-up of the Finisher's thread (each holds a 
 _datasync = getattr(os, "fdatasync", os.fsync)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+_NEW_FILE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
 _NOTHING_WRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 _PLAIN = {
     errno.EACCES: "permission denied", errno.EPERM: "operation not permitted", errno.EISDIR: "a folder is in the way",
@@ -141,7 +141,7 @@ def _folder_error(exc: OSError, parent: int, part: str, rel: str) -> ResultWrite
 
 
 def create_new(folder: int, name: str) -> int:
-    """A new empty file ``name`` in ``folder`` (a descriptor), made exclusively without following links.
+    """A new empty file ``name`` in ``folder`` (a descriptor, open to read and write), made exclusively without following links.
 
     A file already there (a temp left by a kill, or a link planted under our name) is
     unlinked first: the link goes, never its target.

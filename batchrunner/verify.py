@@ -70,7 +70,7 @@ def verify(source: bytes | int | str | os.PathLike[str], modality: str = "unknow
             try:
                 media = _check(_Source(fd=fd))
             finally:
-                if fd is not source:
+                if not isinstance(source, int):
                     os.close(fd)
         except OSError as exc:
             raise MediaError(f"cannot read {name}: {exc.strerror or exc}") from None

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from batchrunner import download
 from batchrunner.download import Finisher
 from batchrunner.errors import ResultWriteError
 from batchrunner.runner import run_campaign
@@ -237,3 +238,23 @@ async def test_names_the_file_system_refuses_fail_that_result_plainly(tmp_path: 
     finally:
         finisher.close()
     assert [p.name for p in tmp_path.rglob("*")] == ["x"]  # nothing left but the folder made on the way
+
+
+async def test_large_results_spill_to_their_temp_file_with_the_same_guarantees(tmp_path: Path, write, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # results past SMALL stream to their temp file as they arrive; the thresholds are lowered so sandbox images take that path
+    monkeypatch.setattr(download, "SMALL", 256)
+    monkeypatch.setattr(download, "SPILL_BATCH", 1000)
+    plan = plan_of(manifest(write, ("big/", ["one", "two", "broken"])))
+    out = tmp_path / "out"
+    (out / "big").mkdir(parents=True)
+    (tmp_path / "target").write_text("precious")
+    (out / "big" / ".one.part.tmp").symlink_to(tmp_path / "target")  # a link planted at a temp name
+    async with serve(sandbox(time_scale=0.0, image_size=512, p_truncate_eof=1.0, fault_prompt="broken")) as (_, url):
+        result = await run_campaign(plan, cfg(out, retries=1), api_key=KEY, base_url=url)
+    assert result.counts == {"done": 2, "failed": 1}
+    jobs = jobs_by_name(out)
+    assert jobs["broken"]["error"].startswith("gave up after 1 retries: the result is not usable: PNG ends before IEND")
+    for name in ("one", "two"):
+        assert jobs[name]["bytes"] > 1000 and verify(out / jobs[name]["path"], "image").kind == "png"
+    assert (tmp_path / "target").read_text() == "precious"
+    assert not list((out / "big").glob("broken*")) and not leftovers(out)
