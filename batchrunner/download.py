@@ -250,10 +250,10 @@ def _place(folders: _Folders, work: _Work) -> None:
     side_tmp, side = f".{final}.json.tmp", f"{final}.json"
     fd = create_new(dst_fd, side_tmp)
     try:
-        _write_all(fd, work.sidecar.encode("utf-8"))
-    finally:
-        os.close(fd)
-    try:
+        try:
+            _write_all(fd, work.sidecar.encode("utf-8"))
+        finally:
+            os.close(fd)
         os.rename(tmp, final, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
         try:
             os.rename(side_tmp, side, src_dir_fd=dst_fd, dst_dir_fd=dst_fd)
