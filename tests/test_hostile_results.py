@@ -258,3 +258,26 @@ async def test_large_results_spill_to_their_temp_file_with_the_same_guarantees(t
         assert jobs[name]["bytes"] > 1000 and verify(out / jobs[name]["path"], "image").kind == "png"
     assert (tmp_path / "target").read_text() == "precious"
     assert not list((out / "big").glob("broken*")) and not leftovers(out)
+
+
+async def test_a_result_of_another_modality_is_not_done_unless_the_model_is_unknown(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    # the sandbox's catalog says flux-2 makes videos and knows a model ours does not: it answers MP4 for both
+    catalog = write(
+        "sandbox-catalog.csv",
+        "id,modality,input_style,credits,alias_of,required,parameters,source\n"
+        "flux-2,video,standard,,,prompt,prompt;aspect_ratio=1:1,test\n"
+        "mystery-model,video,standard,,,prompt,prompt,test\n",
+    )
+    path = write(
+        "modality.yaml",
+        'name: modality\npath: "{model}.{ext}"\njobs:\n'
+        '  - {model: flux-2, prompt: "a bottle", input: {aspect_ratio: "1:1"}}\n'
+        '  - {model: mystery-model, prompt: "a bottle"}\n',
+    )
+    async with serve(sandbox(time_scale=0.0, catalog_file=catalog)) as (_, url):
+        result = await run_campaign(plan_of(path), cfg(tmp_path / "out", retries=1), api_key=KEY, base_url=url)
+    assert result.counts == {"done": 1, "failed": 1}
+    jobs = {job["model"]: job for job in json.loads((tmp_path / "out" / "report.json").read_text())["jobs"]}
+    assert jobs["flux-2"]["error"] == "gave up after 1 retries: the result is not usable: an image model's result is a video file (MP4)"
+    assert jobs["mystery-model"]["path"] == "mystery-model.mp4"  # not in our catalog: any verified media will do
+    assert not list((tmp_path / "out").glob("flux-2*"))
