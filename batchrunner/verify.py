@@ -5,7 +5,7 @@ through IEND; a JPEG's segments reach its scan and the file ends with EOI; an MP
 top-level boxes add up exactly to the file and include ``moov``; a WAV's or WebP's RIFF size
 is the file's; a GIF's blocks reach the trailer; an MP3's frames (after its ID3 tag) follow
 each other to the end; an Ogg file's pages chain to an end-of-stream page; a FLAC file has
-``fLaC``, STREAMINFO and a frame; a WebM/Matroska file has its EBML header (and a Segment that
+``fLaC``, STREAMINFO and a last frame whose CRC matches; a WebM/Matroska file has its EBML header (and a Segment that
 ends where the file does, when its size is written). Anything else raises :class:`MediaError`
 with a plain reason. Content-Length and Content-Type are not trusted: a cut body without
 Content-Length, or an "Access denied" page sent as ``application/octet-stream``, fails here.
@@ -361,22 +361,86 @@ def _ogg(src: _Source) -> Media:
     return Media("ogg", "video" if first_body.startswith(b"\x80theora") else "audio")
 
 
+def _crc16_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x8005 if crc & 0x8000 else crc << 1) & 0xFFFF
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC16 = _crc16_table()  # FLAC's frame CRC: polynomial 0x8005, initial value 0
+
+
+def _crc16(data: bytes) -> int:
+    crc, table = 0, _CRC16
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFF) ^ table[(crc >> 8) ^ byte]
+    return crc
+
+
 def _flac(src: _Source) -> Media:
-    pos, first = 4, True
+    pos, first, info = 4, True, b""
     while True:
         header = src.at(pos, 4)
         if len(header) < 4:
             raise MediaError("FLAC ends inside its metadata")
         last, kind, length = header[0] & 0x80, header[0] & 0x7F, int.from_bytes(header[1:], "big")
-        if first and (kind != 0 or length != 34):
-            raise MediaError("FLAC does not start with STREAMINFO")
+        if first:
+            if kind != 0 or length != 34:
+                raise MediaError("FLAC does not start with STREAMINFO")
+            info = src.at(pos + 4, 34)
         first = False
         pos += 4 + length
         if last:
             break
     if src.at(pos, 2) not in (b"\xff\xf8", b"\xff\xf9"):
         raise MediaError("FLAC ends before its audio frames" if pos >= src.size else f"FLAC frame at byte {pos} is damaged")
-    return Media("flac", "audio")
+    # Frames carry no length, but each ends with a CRC-16 of itself: the last one starts at a sync code within the
+    # largest frame's size of the end and its CRC matches, or the file was cut inside it. Cut between two frames,
+    # the last frame ends before the stream's total samples (STREAMINFO; 0 when not known).
+    max_block, max_frame = int.from_bytes(info[2:4], "big"), int.from_bytes(info[7:10], "big")
+    total = ((info[13] & 0x0F) << 32) | int.from_bytes(info[14:18], "big")
+    start = max(pos, src.size - (max_frame or 1 << 16))
+    tail = src.at(start, src.size - start)
+    at = len(tail) - 2
+    while (at := tail.rfind(b"\xff", 0, at)) >= 0:
+        if tail[at + 1 : at + 2] in (b"\xf8", b"\xf9") and _crc16(tail[at:-2]) == int.from_bytes(tail[-2:], "big"):
+            end = _flac_frame_end(tail[at : at + 16], max_block)
+            if total and end is not None and end < total:
+                raise MediaError(f"FLAC ends after {end} of its {total} samples")
+            return Media("flac", "audio")
+    raise MediaError("FLAC ends inside an audio frame (its CRC does not match)")
+
+
+def _flac_frame_end(header: bytes, fixed_block: int) -> int | None:
+    """The sample number just past the frame whose header starts ``header`` (None if it cannot be read)."""
+    if len(header) < 6:
+        return None
+    variable, code = header[1] & 1, header[2] >> 4
+    lead = 8 - (header[4] ^ 0xFF).bit_length()  # the frame (or sample) number, UTF-8 style
+    if lead == 1 or lead > 7:
+        return None
+    width = max(lead, 1)
+    number = header[4] & (0x7F >> lead) if lead else header[4]
+    for byte in header[5 : 4 + width]:
+        number = (number << 6) | (byte & 0x3F)
+    extra = header[4 + width : 6 + width]
+    if code == 1:
+        block = 192
+    elif 2 <= code <= 5:
+        block = 576 << (code - 2)
+    elif code == 6 and extra:
+        block = extra[0] + 1
+    elif code == 7 and len(extra) == 2:
+        block = int.from_bytes(extra, "big") + 1
+    elif code >= 8:
+        block = 256 << (code - 8)
+    else:
+        return None
+    return (number if variable else number * fixed_block) + block
 
 
 _MP3_KBPS = {  # (MPEG-1?, layer) → kbit/s per bitrate index
