@@ -5,15 +5,19 @@ through IEND; a JPEG's segments reach its scan and the file ends with EOI; an MP
 top-level boxes add up exactly to the file and include ``moov``; a WAV's or WebP's RIFF size
 is the file's; a GIF's blocks reach the trailer; an MP3's frames (after its ID3 tag) follow
 each other to the end; an Ogg file's pages chain to an end-of-stream page; a FLAC file has
-``fLaC``, STREAMINFO and a last frame whose CRC matches; a WebM/Matroska file has its EBML header (and a Segment that
-ends where the file does, when its size is written). Anything else raises :class:`MediaError`
-with a plain reason. Content-Length and Content-Type are not trusted: a cut body without
-Content-Length, or an "Access denied" page sent as ``application/octet-stream``, fails here.
+``fLaC``, STREAMINFO, and a last frame whose CRC-16 matches and which ends at the stream's
+sample count; a WebM/Matroska file has its EBML header and a Segment that ends where the
+file does (when its size is written). Anything else raises :class:`MediaError` with a plain
+reason. Content-Length and Content-Type are not trusted: a cut body without Content-Length,
+or an "Access denied" page sent as ``application/octet-stream``, fails here.
 
 Only headers are read (through a small window cache), never the pixels or samples, so a
 large file is checked with a few reads wherever it is: :func:`verify` takes bytes, a path
 or a file descriptor. Checks are structural, not decoders: a file whose frames are garbage
-inside a valid container passes.
+inside a valid container passes. Known limits: an MP3 cut exactly between two frames, a
+WAV written while streaming (its sizes left at 0 or 0xFFFFFFFF) and a WebM whose Segment
+size is unknown cannot be told from whole ones; bytes after a PNG's IEND or zero bytes
+after a JPEG's EOI are accepted (they do not make the image broken).
 """
 
 from __future__ import annotations
