@@ -433,7 +433,13 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     config = SandboxConfig(
         api_key=args.key, seed=args.seed, time_scale=args.time_scale, failure_rate=args.failure_rate,
-        p_429=args.p_429, p_5xx=args.p_5xx, p_html502=args.p_html502, p_drop=args.p_drop, p_truncate=args.p_truncate,
+        p_429=args.p_429, retry_after=args.retry_after, retry_after_s=args.retry_after_s,
+        p_5xx=args.p_5xx, p_html502=args.p_html502, p_drop=args.p_drop, p_truncate=args.p_truncate,
+        p_truncate_chunked=args.p_truncate_chunked, p_truncate_eof=args.p_truncate_eof, p_random_body=args.p_random_body,
+        p_denied_page=args.p_denied_page, p_slow_body=args.p_slow_body, slow_body_interval_s=args.slow_body_interval,
+        p_no_file=args.p_no_file, p_status_word=args.p_status_word, status_word=args.status_word, status_word_http=args.status_word_http,
+        fault_prompt=args.fault_prompt, revoke_key_after=args.revoke_key_after,
+        tasks_file=Path(args.tasks_file) if args.tasks_file else None, forget_tasks=args.forget_tasks,
         rate_limit_per_s=args.rate_limit, shape=args.shape, credits=args.credits,
     )  # fmt: skip
 
@@ -654,23 +660,68 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = command("sandbox", "serve the simulated API for other tools", "batchrunner sandbox --port 8080 --time-scale 0.01 --p-429 0.05")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free port (default: 8080)")
-    p.add_argument("--key", default="sandbox-key", help="the API key it accepts (default: sandbox-key)")
-    p.add_argument("--seed", type=int, default=0, help="seed of its random durations and faults (default: 0)")
-    p.add_argument("--time-scale", type=float, default=1.0, help="real seconds per simulated second; 0.01 runs 100× faster (default: 1)")
-    p.add_argument("--failure-rate", type=float, default=0.0, help="share of tasks that end failed (default: 0)")
-    p.add_argument("--p-429", type=float, default=0.0, help="share of requests answered 429 Too Many Requests (default: 0)")
-    p.add_argument("--p-5xx", type=float, default=0.0, help="share of requests answered with a JSON 503 (default: 0)")
-    p.add_argument("--p-html502", type=float, default=0.0, help="share of requests answered with an HTML 502 page (default: 0)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free port (default %(default)s)")
+    p.add_argument("--key", default="sandbox-key", help="the API key it accepts (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every drawn duration and fault (default %(default)s)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="real seconds per simulated second (default %(default)s)")
+    p.add_argument("--failure-rate", type=float, default=0.0, help="share of tasks that fail (default %(default)s)")
+    p.add_argument("--p-429", type=float, default=0.0, help="share of requests answered 429 (default %(default)s)")
     p.add_argument(
-        "--p-drop", type=float, default=0.0, help="share of connections dropped, a generate sometimes after creating its task (default: 0)"
+        "--retry-after", choices=("seconds", "date", "none"), default="seconds", help="how a 429 gives Retry-After (default %(default)s)"
     )
-    p.add_argument("--p-truncate", type=float, default=0.0, help="share of downloads cut short (default: 0)")
+    p.add_argument("--retry-after-s", type=float, default=1.0, help="the Retry-After of a 429, e.g. 86400 (default %(default)s)")
+    p.add_argument("--p-5xx", type=float, default=0.0, help="share of requests answered JSON 503 (default %(default)s)")
+    p.add_argument("--p-html502", type=float, default=0.0, help="share of requests answered an HTML 502 page (default %(default)s)")
+    p.add_argument("--p-drop", type=float, default=0.0, help="share of requests whose connection is dropped (default %(default)s)")
+    p.add_argument("--p-truncate", type=float, default=0.0, help="share of results cut after their Content-Length (default %(default)s)")
+    p.add_argument(
+        "--p-truncate-chunked", type=float, default=0.0, help="share of results sent chunked and cut mid-stream (default %(default)s)"
+    )
+    p.add_argument(
+        "--p-truncate-eof",
+        type=float,
+        default=0.0,
+        help="share of results sent without Content-Length or chunking, half of them, then the connection closed (default %(default)s)",
+    )
+    p.add_argument(
+        "--p-random-body", type=float, default=0.0, help="share of results that are random bytes declared image/png… (default %(default)s)"
+    )
+    p.add_argument(
+        "--p-denied-page",
+        type=float,
+        default=0.0,
+        help="share of results that are an XML 'Access denied' page as application/octet-stream (default %(default)s)",
+    )
+    p.add_argument(
+        "--p-slow-body", type=float, default=0.0, help="share of results sent one byte every --slow-body-interval (default %(default)s)"
+    )
+    p.add_argument(
+        "--slow-body-interval", type=float, default=5.0, help="real seconds between the bytes of a slow body (default %(default)s)"
+    )
+    p.add_argument(
+        "--p-no-file",
+        type=float,
+        default=0.0,
+        help="share of success answers without a file: no fileURL, JSON for download=true (default %(default)s)",
+    )
+    p.add_argument(
+        "--p-status-word", type=float, default=0.0, help='share of status answers that are {"status": WORD} (default %(default)s)'
+    )
+    p.add_argument("--status-word", default="queued_for_review", help="that WORD, e.g. cancelled, error, rejected (default %(default)s)")
+    p.add_argument("--status-word-http", type=int, default=200, help="the HTTP status answered with it (default %(default)s)")
+    p.add_argument(
+        "--fault-prompt", metavar="TEXT", help="status and result faults only for tasks whose prompt contains TEXT (default: every task)"
+    )
+    p.add_argument(
+        "--revoke-key-after", type=int, metavar="N", help="refuse the key after N requests (generate 401, status 400; default: never)"
+    )
+    p.add_argument("--tasks-file", metavar="FILE", help="remember tasks in FILE across restarts, as the real API does (default: in memory)")
+    p.add_argument(
+        "--forget-tasks", action="store_true", help="do not read --tasks-file back: every earlier task is invalid_taskId (default: read it)"
+    )
     p.add_argument("--rate-limit", type=float, default=None, help="generate requests per second before 429 (default: no limit)")
-    p.add_argument(
-        "--shape", choices=("array", "object", "mixed"), default="array", help="answers as [{…}], {…} or either (default: array)"
-    )
+    p.add_argument("--shape", choices=("array", "object", "mixed"), default="array", help="answers as [{…}] or {…} (default %(default)s)")
     p.add_argument("--credits", type=float, default=None, help="account balance, 402 when spent (default: unlimited)")
     p.set_defaults(func=cmd_sandbox)
 

@@ -6,6 +6,9 @@
     ├── InputError               a local input file cannot be sent (missing, a folder, empty, not media)
     ├── StorageError             a result or input could not be stored or read: fail that job
     │   └── StorageUnavailable   nothing can be stored at all (unreachable, refused, disk full): stop the run
+    ├── MediaError               a file is not whole media (of the modality asked for)
+    ├── ResultWriteError         a result cannot be written where it belongs: fail that job
+    │   └── OutputUnwritable     nothing can be written (disk full, quota, read-only): stop the run
     └── ApiError                 anything the Cliprise API (or the way to it) said
         ├── TransientApiError    5xx, HTML 502, dropped connection, timeout on a safe request: retry
         │   ├── RateLimited      429; ``.retry_after_s`` slows the whole run
@@ -103,6 +106,25 @@ class StorageError(BatchRunnerError):
 
 class StorageUnavailable(StorageError):
     """The storage cannot be used at all (unreachable, credentials refused, no such bucket, disk full)."""
+
+
+class MediaError(BatchRunnerError):
+    """A file is not whole media of a known kind, or not of the modality the job asked for (the reason says which)."""
+
+
+class ResultWriteError(BatchRunnerError):
+    """A result (or its sidecar, or a report) cannot be written where it belongs: that job fails with the reason.
+
+    ``fatal`` is True for :class:`OutputUnwritable`: no other write can succeed either.
+    """
+
+    fatal = False
+
+
+class OutputUnwritable(ResultWriteError):
+    """Nothing can be written in the output folder (disk full, quota, read-only file system): the run stops, state saved."""
+
+    fatal = True
 
 
 class ApiError(BatchRunnerError):

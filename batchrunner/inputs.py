@@ -36,9 +36,9 @@ import anyio
 import anyio.to_thread
 from aiohttp import web
 
-from .download import sniff
 from .errors import InputError, StorageUnavailable
 from .storage import LocalStorage, Storage, check_key
+from .verify import sniff
 
 DEFAULT_LIFETIME_S = 3600.0
 UPLOADS_AT_ONCE = 4

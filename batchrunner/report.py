@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from .catalog import model_fields
+from .download import create_new, write_error
 from .errors import redact
 from .store import Store
 
@@ -59,14 +60,27 @@ class _Redacting:
 
 @contextlib.contextmanager
 def _report_file(path: Path) -> Iterator[_Redacting]:
-    """A report written beside its final name and renamed into place only when whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """A report written to a new temp file beside its final name and renamed into place only when whole.
+
+    As results are (:mod:`batchrunner.download`): the temp is created exclusively without
+    following a link, and the rename replaces a link planted at either name, never writing
+    through it. An ``OSError`` becomes a :class:`ResultWriteError` naming the report.
+    """
+    tmp = f".{path.name}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise write_error(exc, path.name) from None
+    try:
+        with open(create_new(folder, tmp), "w", encoding="utf-8", newline="") as f:
             yield _Redacting(f)
-        os.replace(tmp, path)
+        os.rename(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+    except OSError as exc:
+        raise write_error(exc, path.name) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=folder)
+        os.close(folder)
 
 
 def summarize(store: Store, *, wall_s: float | None = None, outcome: str | None = None, error: str | None = None) -> dict[str, Any]:

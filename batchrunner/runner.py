@@ -35,15 +35,17 @@ import anyio
 
 from .catalog import model_fields
 from .client import Client, Failed, Processing, Unrecognised
-from .download import Finisher, save
+from .download import Finisher, Limits, save
 from .dryrun import Preview, RunTally, check, started, tally
 from .errors import (
     AmbiguousSubmit,
     AuthError,
     BatchRunnerError,
     FatalApiError,
+    OutputUnwritable,
     PermanentApiError,
     RateLimited,
+    ResultWriteError,
     StateError,
     TransientApiError,
     UnknownTask,
@@ -72,6 +74,9 @@ class RunConfig:
     poll_cap_s: float = 60.0
     poll_connections: int = 32
     job_deadline_s: float = 6 * 3600.0
+    download_deadline_s: float = 600.0  # one result download, start to end
+    download_min_rate_bps: float = 1024.0  # averaged over each download_rate_window_s; 0: no minimum
+    download_rate_window_s: float = 30.0
     max_ambiguous: int = 3
     max_pause_s: float = 900.0  # a rate-limit pause (Retry-After, or 429 after 429) longer than this stops the run
     unreachable_s: float = 30.0  # how long the API may stay unreachable mid-run before the run stops
@@ -245,9 +250,12 @@ class Runner:
         self._reached = False  # the API answered something during this run
         self._unreachable: tuple[float, int] | None = None  # (since, failures) of an unbroken run of unreachable errors
         self._limited_since: float | None = None  # start of an unbroken run of 429 answers
+        self._limits = Limits(
+            deadline_s=config.download_deadline_s, min_rate_bps=config.download_min_rate_bps, window_s=config.download_rate_window_s
+        )
 
     async def run(self, jobs: Iterable[Job]) -> None:
-        self._finisher = Finisher()
+        self._finisher = Finisher(self.config.out_dir)
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flusher)
@@ -359,11 +367,13 @@ class Runner:
             if job.state == JobState.PENDING and not await self._submit(job):
                 return
             await self._collect(job)
-        except FatalApiError as exc:
-            self.fatal = exc
+        except (FatalApiError, OutputUnwritable) as exc:  # no other request or write can succeed: stop, state saved
+            self.fatal = exc if isinstance(exc, FatalApiError) else self.fatal
             self._stop(exc.message)
             if self._scope is not None:
                 self._scope.cancel()
+        except ResultWriteError as exc:
+            self._fail(job, exc.message, REPOLL)
         except UnknownTask as exc:
             self._fail(job, f"{exc.message}: it is resubmitted on the next run", RESUBMIT)
         except PermanentApiError as exc:
@@ -515,7 +525,9 @@ class Runner:
                             "request": job.body, "vars": job.vars,
                             "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
                         }  # fmt: skip
-                        fetched = await save(answer, self.config.out_dir, job.path, sidecar, self._finisher)
+                        fetched = await save(
+                            answer, self.config.out_dir, job.path, sidecar, self._finisher, modality=job.modality, limits=self._limits
+                        )
             except RateLimited as exc:
                 self._rate_limited(exc, 1.0)
                 continue

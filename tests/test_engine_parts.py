@@ -11,7 +11,7 @@ import pytest
 
 from batchrunner.client import Client
 from batchrunner.download import Finisher
-from batchrunner.errors import StateError
+from batchrunner.errors import ResultWriteError, StateError
 from batchrunner.runner import Durations, Runner, poll_delay, run_campaign
 from batchrunner.sandbox import serve
 from batchrunner.store import JobState, Store
@@ -60,25 +60,23 @@ async def test_transitions_nobody_waits_for_are_committed_by_close(tmp_path: Pat
 
 async def test_finisher_puts_files_in_place_and_one_failure_spoils_nothing_else(tmp_path: Path) -> None:
     (tmp_path / "blocked").write_text("a file where a folder should be")
-    work = [
-        (tmp_path / f"d{n}" / f".f{n}.tmp", f"bytes {n}".encode(), tmp_path / f"d{n}" / f"f{n}.png", f'{{"n": {n}}}\n') for n in range(5)
-    ]
-    work.append((tmp_path / "blocked" / ".x.tmp", b"never", tmp_path / "blocked" / "x.png", "{}\n"))
-    finisher = Finisher()
+    work = [(f"d{n}/.f{n}.tmp", f"bytes {n}".encode(), f"d{n}/f{n}.png", f'{{"n": {n}}}\n') for n in range(5)]
+    work.append(("blocked/.x.tmp", b"never", "blocked/x.png", "{}\n"))
+    finisher = Finisher(tmp_path)
     outcomes = []
 
     async def finish(item):  # type: ignore[no-untyped-def]
         try:
             await finisher.finish(*item)
             outcomes.append("ok")
-        except OSError:
-            outcomes.append("error")
+        except ResultWriteError as exc:
+            outcomes.append(exc.message)
 
     async with anyio.create_task_group() as tg:
         for item in work:
             tg.start_soon(finish, item)
     finisher.close()
-    assert sorted(outcomes) == ["error"] + ["ok"] * 5
+    assert sorted(outcomes) == ["blocked is a file where a folder is needed (move it away)"] + ["ok"] * 5
     for n in range(5):
         assert (tmp_path / f"d{n}" / f"f{n}.png").read_bytes() == f"bytes {n}".encode()
         assert (tmp_path / f"d{n}" / f"f{n}.png.json").read_text() == f'{{"n": {n}}}\n'

@@ -7,9 +7,30 @@ never as our client would like. Tasks finish lazily: a task's outcome and durati
 drawn (seeded) when it is created and read off the clock when it is asked about, so a
 100,000-task sandbox needs no timers.
 
-Faults are drawn per request from the same seeded generator: 429 with Retry-After
-(seconds or HTTP date), JSON 503, an HTML 502 page, a dropped connection (on generate,
-sometimes after the task was created: the ambiguous case), truncated downloads.
+Faults are drawn per request from the same seeded generator (each knob of
+:class:`SandboxConfig` is off by default, and one that is off draws nothing):
+
+- every request: 429 with Retry-After (seconds, HTTP date or none; ``retry_after_s`` may be
+  huge, e.g. 86400), JSON 503, an HTML 502 page, a dropped connection (on generate,
+  sometimes after the task was created: the ambiguous case); ``revoke_key_after`` N
+  requests, the key is refused as the docs show for a bad key (generate: 401
+  ``invalid_api_key``; status: 400 ``{"msg":"invalid_api_key"}``).
+- status answers: ``p_status_word`` answers ``{"status": status_word}`` with HTTP
+  ``status_word_http`` instead of the task's state (a word never seen before such as
+  ``queued_for_review``, or a failure word such as ``cancelled``, ``error``, ``rejected``);
+  ``p_no_file`` answers a finished task's success without a file (``{"status":"success"}``
+  without ``fileURL``, and the same JSON with HTTP 200 for ``download=true``).
+- result bodies (``download=true`` of a finished task): ``p_truncate`` cuts the body after
+  its Content-Length was sent; ``p_truncate_chunked`` cuts a chunked body (no
+  Content-Length); ``p_truncate_eof`` sends half the body with neither Content-Length nor
+  chunking, then closes the connection (the cut looks like the end); ``p_random_body``
+  sends random bytes declared as the real type (``image/png``…); ``p_denied_page`` sends an
+  XML "Access denied" page as ``application/octet-stream``; ``p_slow_body`` sends the body
+  one byte every ``slow_body_interval_s`` real seconds (slow loris).
+- ``fault_prompt``: when set, the status and result faults touch only tasks whose prompt
+  contains it, so one run can mix broken and healthy jobs deterministically.
+- ``forget_tasks``: a restart loses every task (``tasks_file`` is not read back), so the API
+  answers ``invalid_taskId`` for each task submitted before it.
 
 Source media are checked as the API must (``shared/cliprise-api.md``, "Source media"): every
 ``*_url``/``*Url`` field at the root or under ``input``, and each URL in the stringified
@@ -49,6 +70,10 @@ from . import media
 
 API_HOST = "business.api.cliprise.app"
 DEFAULT_DURATIONS_S = {"image": (8.0, 0.35), "video": (60.0, 0.35), "audio": (15.0, 0.35)}
+DENIED_PAGE = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message>'
+    b"<RequestId>4442587FB7D0A2F9</RequestId></Error>\n"
+)
 HTML_502 = (
     b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
     b"<hr><center>nginx</center></body></html>"
@@ -75,6 +100,19 @@ class SandboxConfig:
     p_html502: float = 0.0
     p_drop: float = 0.0
     p_truncate: float = 0.0
+    p_truncate_chunked: float = 0.0  # a chunked body (no Content-Length) cut mid-stream
+    p_truncate_eof: float = 0.0  # half the body, no Content-Length nor chunking, then the connection closes
+    p_random_body: float = 0.0  # random bytes declared as the result's type
+    p_denied_page: float = 0.0  # an XML "Access denied" page as application/octet-stream
+    p_slow_body: float = 0.0  # the body one byte every slow_body_interval_s (real seconds)
+    slow_body_interval_s: float = 5.0
+    p_no_file: float = 0.0  # success without a file: no fileURL; download=true answered with JSON
+    p_status_word: float = 0.0  # {"status": status_word} with HTTP status_word_http instead of the task's state
+    status_word: str = "queued_for_review"
+    status_word_http: int = 200
+    fault_prompt: str | None = None  # status and result faults only for tasks whose prompt contains this
+    revoke_key_after: int | None = None  # requests (generate + status) after which the key is refused
+    forget_tasks: bool = False  # a restart loses every task: tasks_file is not read back
     rate_limit_per_s: float | None = None
     shape: str = "array"  # array | object | mixed
     empty_validation: float = 0.0  # share of validation errors answered with an empty body
@@ -170,7 +208,8 @@ class Sandbox:
         self._window: deque[float] = deque()
         self._session: aiohttp.ClientSession | None = None  # fetches source media
         self._pictures: OrderedDict[str, media.Picture] = OrderedDict()  # source images by sha256, most recent last
-        if config.tasks_file is not None:
+        self._requests = 0
+        if config.tasks_file is not None and not config.forget_tasks:
             self._load_tasks(config.tasks_file)
         self.app = web.Application()
         self.app.router.add_post("/app/cliprise/generate", self.generate)
@@ -214,7 +253,14 @@ class Sandbox:
 
     def _fault(self, request: web.Request, *, generate: bool) -> web.StreamResponse | str | None:
         """A drawn fault as a response (or a dropped connection, or "drop-after" on generate), or None."""
-        c, r = self.config, self.rng.random()
+        c = self.config
+        self._requests += 1
+        if c.revoke_key_after is not None and self._requests > c.revoke_key_after:
+            self.stats.faults["revoked"] += 1
+            if generate:
+                return self._json({"code": 401, "error": {"code": "invalid_api_key", "message": "Missing or invalid API key."}}, 401)
+            return self._json({"msg": "invalid_api_key"}, 400)
+        r = self.rng.random()
         for name, p in (("429", c.p_429), ("5xx", c.p_5xx), ("html502", c.p_html502), ("drop", c.p_drop)):
             if r < p:
                 self.stats.faults[name] += 1
@@ -357,7 +403,7 @@ class Sandbox:
         fault = self._fault(request, generate=False)
         if isinstance(fault, web.StreamResponse):
             return fault
-        q = request.query
+        q, c = request.query, self.config
         if q.get("apiKey") != self.config.api_key:
             return self._json({"msg": "invalid_api_key"}, 400)
         task_id = q.get("taskId", "")
@@ -365,6 +411,8 @@ class Sandbox:
         if task is None:
             return self._json({"msg": "invalid_taskId"}, 400)
         self.stats.status_by_task[task_id] += 1
+        if self._drawn("status_word", c.p_status_word, task):
+            return self._json(self._shape({"status": c.status_word}), c.status_word_http)
         if self.clock() < task.finish_at:
             return self._json({"status": "processing"}, 300)
         if not task.terminal_seen:
@@ -372,20 +420,59 @@ class Sandbox:
             self.stats.in_flight -= 1
         if task.fail_reason:
             return self._json({"status": "failed", "failMsg": task.fail_reason}, 400)
+        if self._drawn("no_file", c.p_no_file, task):
+            return self._json(self._shape({"status": "success"}))
         if q.get("download") == "true":
             return await self._download(request, task_id, task)
         url = f"https://{API_HOST}/app/cliprise/status?apiKey={self.config.api_key}&taskId={task_id}&download=true"
         return self._json(self._shape({"status": "success", "fileURL": url}))
 
+    def _drawn(self, name: str, p: float, task: Task) -> bool:
+        """Whether a task-scoped fault happens to this request (no draw when it is off or not aimed at this task)."""
+        target = self.config.fault_prompt
+        if not p or (target is not None and target not in task.prompt) or self.rng.random() >= p:
+            return False
+        self.stats.faults[name] += 1
+        return True
+
     async def _download(self, request: web.Request, task_id: str, task: Task) -> web.StreamResponse:
         self.stats.downloads += 1
+        c = self.config
         data, ctype = self._media(task, task_id)
-        if self.rng.random() < self.config.p_truncate:
+        cut = self.rng.random() < c.p_truncate  # drawn even when off, as it always was: seeded runs keep their sequences
+        if cut and (c.fault_prompt is None or c.fault_prompt in task.prompt):
             self.stats.faults["truncate"] += 1
             resp = web.StreamResponse(status=200, headers={"Content-Type": ctype, "Content-Length": str(len(data))})
             await resp.prepare(request)
             await resp.write(data[: len(data) // 2])
             return self._drop(request)
+        if self._drawn("random_body", c.p_random_body, task):
+            return web.Response(status=200, body=self.rng.randbytes(len(data)), content_type=ctype)
+        if self._drawn("denied_page", c.p_denied_page, task):
+            return web.Response(status=200, body=DENIED_PAGE, content_type="application/octet-stream")
+        if self._drawn("truncate_chunked", c.p_truncate_chunked, task):
+            resp = web.StreamResponse(status=200, headers={"Content-Type": ctype})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(data[: len(data) // 2])
+            return self._drop(request)
+        if self._drawn("truncate_eof", c.p_truncate_eof, task):
+            assert request.transport is not None  # HTTP/1.0-style: the body ends where the connection does
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nConnection: close\r\n\r\n".encode()
+            request.transport.write(head + data[: len(data) // 2])
+            request.transport.close()
+            raise web.HTTPException()  # never sent: the answer is already on its way
+        if self._drawn("slow_body", c.p_slow_body, task):
+            resp = web.StreamResponse(status=200, headers={"Content-Type": ctype, "Content-Length": str(len(data))})
+            await resp.prepare(request)
+            try:
+                for i in range(len(data)):
+                    await resp.write(data[i : i + 1])
+                    await asyncio.sleep(c.slow_body_interval_s)
+            except ConnectionError:  # the client gave up
+                return resp
+            await resp.write_eof()
+            return resp
         return await self._send(request, data, ctype)
 
     async def _send(self, request: web.Request, data: bytes, ctype: str) -> web.StreamResponse:
