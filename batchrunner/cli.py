@@ -22,7 +22,7 @@ import anyio
 
 from . import __version__
 from .catalog import Catalog, load_catalog
-from .errors import BatchRunnerError, ManifestError, Problem, StateError
+from .errors import BatchRunnerError, ManifestError, Problem, StateError, StateWriteError
 from .expand import Plan, expand
 from .manifest import load
 from .runner import RunConfig, RunResult, run_campaign, scale_expected
@@ -269,7 +269,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for state in ("done", "failed", "submitted", "submitting", "pending"):
         if counts.get(state):
             print(f"  {state:<12} {counts[state]}")
-    print(f"  credits spent {totals['credits_spent']:g}; ambiguous resubmits {totals['ambiguous_resubmitted']}")
+    print(f"  credits spent {totals['credits_spent']:g}")
+    print(
+        f"  generate requests sent {totals['sends']:g}, answered with a task id {totals['submits']:g}, possibly created without an "
+        f"answer (ambiguous) {totals['ambiguous']:g}, re-paid after the API forgot a task {totals['repaid']:g}"
+        f" — possibly paid twice: {totals['possibly_paid_twice']:g}"
+    )
     for job_id, model, error in failures[:50]:
         print(f"  failed {job_id} ({model}): {error}")
     if len(failures) > 50:
@@ -286,6 +291,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"wrote {args.dir}/report.json, report.csv, report.html ({summary['jobs']} jobs)")
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .store import rebuild
+
+    out = Path(args.dir)
+    done = rebuild(out)
+    if done.problem is not None:
+        print(
+            f"the state file was {done.problem}; set aside as {', '.join(p.name for p in done.set_aside) or 'nothing'} (kept, not deleted)"
+        )
+    if done.kept:
+        print(f"read back {done.kept} jobs from the damaged file ({done.kept_submitted} paid tasks will be fetched, not paid again)")
+    print(f"recovered {done.recovered} finished jobs from their sidecars, each checked against its file's sha256", end="")
+    print(f"; {done.already_done} were recorded already" if done.already_done else "")
+    for rejected in done.rejected[:50]:
+        print(f"  not recovered: {rejected}", file=sys.stderr)
+    if len(done.rejected) > 50:
+        print(f"  … and {len(done.rejected) - 50} more", file=sys.stderr)
+    if done.rejected:
+        print(f"warning: {len(done.rejected)} results were not recovered: their jobs run (and are paid) again", file=sys.stderr)
+    print(f"next: batchrunner run MANIFEST --out {out} — it runs only the jobs without a verified result")
     return EXIT_OK
 
 
@@ -409,6 +437,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_report)
 
+    p = command(
+        "recover",
+        "rebuild a lost or damaged state from the results' sidecars; sends nothing",
+        "batchrunner recover out/demo",
+    )
+    p.add_argument("dir", help="the campaign's output folder (its --out)")
+    p.set_defaults(func=cmd_recover)
+
     p = command("models", "list the model catalog", "batchrunner models --modality video", "batchrunner models --json")
     p.add_argument("--modality", choices=("image", "video", "audio"))
     p.add_argument("--json", action="store_true")
@@ -449,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         print(f"{len(exc.problems)} problem(s); nothing was sent.", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StateWriteError as exc:  # the state failed during a run: not bad input, requests may have been sent
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except StateError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -264,7 +264,7 @@ class Runner:
             if self.stop_reason is not None:
                 return False
             await self.pacer.generate_slot()
-            self.store.transition(job, JobState.SUBMITTING)
+            self.store.transition(job, JobState.SUBMITTING, sends=1)  # counted before the POST, committed with it
             try:
                 await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
             except anyio.get_cancelled_exc_class():
