@@ -300,9 +300,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     out = Path(args.dir)
     done = rebuild(out)
     if done.problem is not None:
-        print(
-            f"the state file was {done.problem}; set aside as {', '.join(p.name for p in done.set_aside) or 'nothing'} (kept, not deleted)"
-        )
+        aside = f"; set aside as {', '.join(p.name for p in done.set_aside)} (kept, not deleted)" if done.set_aside else ""
+        print(f"the state file was {done.problem}{aside}")
     if done.kept:
         print(f"read back {done.kept} jobs from the damaged file ({done.kept_submitted} paid tasks will be fetched, not paid again)")
     print(f"recovered {done.recovered} finished jobs from their sidecars, each checked against its file's sha256", end="")
