@@ -914,7 +914,12 @@ def _set_aside(db: Path, label: str, stamp: str) -> list[Path]:
         src = db.with_name(db.name + suffix)
         if src.exists():
             dst = base.with_name(base.name + suffix)
-            os.replace(src, dst)
+            try:
+                os.replace(src, dst)
+            except OSError as exc:
+                raise StateError(
+                    f"cannot rename {src} out of the way ({exc.strerror}) — {db.parent} must be a folder you can write to"
+                ) from exc
             moved.append(dst)
     return moved
 
