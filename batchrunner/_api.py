@@ -38,6 +38,7 @@ from .dryrun import preview as _preview
 from .errors import AuthError, ManifestError, Problem
 from .expand import Plan, expand
 from .manifest import load
+from .report import requests
 from .runner import EventHandler, Interrupt, RunConfig, RunResult, run_campaign, scale_expected
 from .store import Store
 
@@ -307,6 +308,7 @@ class Status:
     submits: int
     runs: int
     failures: list[Failure] = field(default_factory=list)
+    requests: dict[str, int] = field(default_factory=dict)  # what was paid for: see report.json's summary.requests
 
     @property
     def jobs(self) -> int:
@@ -345,6 +347,7 @@ def status(out: str | Path) -> Status:
             submits=int(totals["submits"]),
             runs=len(store.runs()),
             failures=failures,
+            requests=requests(totals),
         )
     finally:
         store.close()

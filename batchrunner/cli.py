@@ -23,7 +23,7 @@ import anyio
 
 from . import __version__, _api
 from .dryrun import Preview
-from .errors import BatchRunnerError, ManifestError, StateError
+from .errors import BatchRunnerError, ManifestError, StateError, StateWriteError
 from .expand import Plan
 from .runner import Interrupt, RunResult, scale_expected
 from .store import Job, Store
@@ -369,13 +369,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         totals = {"ambiguous_resubmitted": st.ambiguous_resubmitted, "credits_spent": st.credits_spent, "submits": st.submits}
         failed = [{"id": f.id, "path": f.path, "model": f.model, "error": f.error} for f in st.failures]
-        print(json.dumps({"campaign": st.campaign, "counts": st.counts, **totals, "failed": failed}, indent=2))
+        print(json.dumps({"campaign": st.campaign, "counts": st.counts, **totals, "requests": st.requests, "failed": failed}, indent=2))
         return EXIT_OK
     print(f"{st.campaign}: {st.jobs} jobs in {args.dir} ({st.runs} runs)")
     for state in ("done", "failed", "submitted", "submitting", "pending"):
         if st.counts.get(state):
             print(f"  {state:<12} {st.counts[state]}")
-    print(f"  credits spent {st.credits_spent:g}; ambiguous resubmits {st.ambiguous_resubmitted}")
+    r = st.requests
+    print(f"  credits spent {st.credits_spent:g}")
+    print(
+        f"  generate requests sent {r['sent']}, answered with a task id {r['answered_with_task_id']}, possibly created without an "
+        f"answer (ambiguous) {r['ambiguous']}, re-paid after the API forgot a task {r['repaid']}"
+        f" — possibly paid twice: {r['possibly_paid_twice']}"
+    )
     for f in st.failures[:50]:
         print(f"  failed {f.path} (job {f.id}, {f.model}): {f.error}")
     if len(st.failures) > 50:
@@ -394,6 +400,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"wrote {args.dir}/report.json, report.csv, report.html ({summary['jobs']} jobs)")
+    return EXIT_OK
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .store import rebuild
+
+    out = Path(args.dir)
+    done = rebuild(out)
+    if done.problem is not None:
+        aside = f"; set aside as {', '.join(p.name for p in done.set_aside)} (kept, not deleted)" if done.set_aside else ""
+        print(f"the state file was {done.problem}{aside}")
+    if done.kept:
+        print(f"read back {done.kept} jobs from the damaged file ({done.kept_submitted} paid tasks will be fetched, not paid again)")
+    print(f"recovered {done.recovered} finished jobs from their sidecars, each checked against its file's sha256", end="")
+    print(f"; {done.already_done} were recorded already" if done.already_done else "")
+    for rejected in done.rejected[:50]:
+        print(f"  not recovered: {rejected}", file=sys.stderr)
+    if len(done.rejected) > 50:
+        print(f"  … and {len(done.rejected) - 50} more", file=sys.stderr)
+    if done.rejected:
+        print(f"warning: {len(done.rejected)} results were not recovered: their jobs run (and are paid) again", file=sys.stderr)
+    print(f"next: batchrunner run MANIFEST --out {out} — it runs only the jobs without a verified result")
     return EXIT_OK
 
 
@@ -653,6 +681,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="an output directory of a run")
     p.set_defaults(func=cmd_report)
 
+    p = command(
+        "recover",
+        "rebuild a lost or damaged state from the results' sidecars; sends nothing",
+        "batchrunner recover out/demo",
+    )
+    p.add_argument("dir", help="the campaign's output folder (its --out)")
+    p.set_defaults(func=cmd_recover)
+
     p = command("models", "list the model catalog", "batchrunner models --modality video", "batchrunner models --json")
     p.add_argument("--modality", choices=("image", "video", "audio"), help="only this modality (default: all)")
     p.add_argument("--json", action="store_true", help="print a JSON list (default: off: a table)")
@@ -771,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         print(f"{len(exc.problems)} problem(s); nothing was sent.", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StateWriteError as exc:  # the state failed during a run: not bad input, requests may have been sent
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except StateError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -2,7 +2,11 @@
 
     BatchRunnerError
     ├── ManifestError            bad input: a list of file:line problems (exit 2)
-    ├── StateError               the output directory cannot be used (locked, another campaign)
+    ├── StateError               the output directory's state cannot be used as asked: refused, nothing sent (exit 2)
+    │   ├── StateLost            results exist but the state file is missing or empty: `batchrunner recover DIR`
+    │   ├── StateDamaged         the state file is damaged or not SQLite: `batchrunner recover DIR`
+    │   └── StateWriteError      the state file failed during a run (disk full, I/O error): stopped (exit 1)
+    ├── ReportError              report.json/csv/html could not be written (exit 1)
     ├── InputError               a local input file cannot be sent (missing, a folder, empty, not media)
     ├── StorageError             a result or input could not be stored or read: fail that job
     │   └── StorageUnavailable   nothing can be stored at all (unreachable, refused, disk full): stop the run
@@ -89,7 +93,24 @@ class ManifestError(BatchRunnerError):
 
 
 class StateError(BatchRunnerError):
-    """The output directory's state cannot be used as asked (locked by another run, another campaign)."""
+    """The output directory's state cannot be used as asked (locked by another run, another campaign): nothing was sent."""
+
+
+class StateLost(StateError):
+    """The state file is missing, empty or unreadable beside results of an earlier run: running would pay for them again."""
+
+
+class StateDamaged(StateError):
+    """The state file is damaged (a corrupt page, not an SQLite file): rebuild it with ``batchrunner recover DIR``."""
+
+
+class StateWriteError(StateError):
+    """The state file failed while in use (disk full, I/O error, damage found mid-run). Not bad input: the run may have sent
+    requests, so it stops with exit 1; the task ids received before the failure are committed first when space allows."""
+
+
+class ReportError(BatchRunnerError):
+    """A report (report.json, report.csv, report.html) could not be written: disk full, read-only folder."""
 
 
 class InputError(BatchRunnerError):

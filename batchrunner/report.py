@@ -23,11 +23,12 @@ from urllib.parse import quote
 
 from .catalog import model_fields
 from .download import create_new, write_error
-from .errors import redact
+from .errors import ReportError, redact
 from .store import Store
 
 CSV_COLUMNS = (
-    "id", "state", "model", "modality", "path", "sha256", "bytes", "task_id", "submits", "ambiguous", "error", "prompt", "review", "take",
+    "id", "state", "model", "modality", "path", "sha256", "bytes", "task_id", "sends", "submits", "ambiguous", "repaid", "error", "prompt",
+    "review", "take",
 )  # fmt: skip
 GALLERY_LIMIT = 5000
 _IMAGE = {"png", "jpg", "jpeg", "webp", "gif"}
@@ -41,7 +42,7 @@ def _job_record(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"], "state": row["state"], "model": row["model"], "modality": row["modality"],
         "path": row["path"], "sha256": row["sha256"], "bytes": row["bytes"], "task_id": row["task_id"],
-        "submits": row["submits"], "ambiguous": row["ambiguous"], "error": row["error"],
+        "sends": row["sends"], "submits": row["submits"], "ambiguous": row["ambiguous"], "repaid": row["repaid"], "error": row["error"],
         "prompt": str(fields.get("prompt", "")), "parameters": {k: v for k, v in fields.items() if k not in ("prompt", "model")},
         "vars": spec.get("vars", {}), "variant": spec.get("variant"),
         "review": row["review"], "take": row["take"], "intended_path": spec.get("path"),
@@ -83,12 +84,24 @@ def _report_file(path: Path) -> Iterator[_Redacting]:
         os.close(folder)
 
 
+def requests(totals: dict[str, float]) -> dict[str, int]:
+    """What was paid for, from :meth:`Store.totals`: generate requests sent, answered with a task id, possibly created
+    without an answer (ambiguous), tasks re-paid after the API forgot them, and the sum that may have been paid twice."""
+    keys = {"sent": "sends", "answered_with_task_id": "submits", "ambiguous": "ambiguous", "repaid": "repaid"}
+    return {name: int(totals[key]) for name, key in keys.items()} | {"possibly_paid_twice": int(totals["possibly_paid_twice"])}
+
+
 def summarize(store: Store, *, wall_s: float | None = None, outcome: str | None = None, error: str | None = None) -> dict[str, Any]:
-    """The campaign's summary, from SQL aggregates (no job is loaded)."""
+    """The campaign's summary, from SQL aggregates (no job is loaded).
+
+    ``requests`` is what was paid for: generate requests ``sent``, ``answered_with_task_id``,
+    ``ambiguous`` (sent, unanswered: each may have created a task we hold no id for),
+    ``repaid`` (tasks created again because the API forgot an earlier one) and
+    ``possibly_paid_twice`` (ambiguous + repaid).
+    """
     counts = store.counts()
     totals = store.totals()
-    unpriced, planned = store.conn.execute("SELECT count(*) - count(credits), sum(credits) FROM jobs WHERE in_manifest = 1").fetchone()
-    models = [r[0] for r in store.conn.execute("SELECT DISTINCT model FROM jobs WHERE in_manifest = 1 ORDER BY model")]
+    recovered = store.meta("recovered")
     return {
         "campaign": store.meta("campaign"),
         "outcome": outcome,
@@ -97,10 +110,12 @@ def summarize(store: Store, *, wall_s: float | None = None, outcome: str | None 
         "counts": counts,
         "ambiguous_resubmitted": totals["ambiguous_resubmitted"],
         "submits": totals["submits"],
-        "credits": {"spent": totals["credits_spent"], "planned": None if unpriced else float(planned or 0)},
+        "requests": requests(totals),
+        "credits": {"spent": totals["credits_spent"], "planned": store.planned_credits()},
+        "recovered": json.loads(recovered) if recovered else None,
         "wall_s": round(wall_s, 3) if wall_s is not None else None,
         "runs": len(store.runs()),
-        "models": models,
+        "models": store.models(),
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -113,6 +128,18 @@ def write_reports(store: Store, *, wall_s: float | None = None, outcome: str | N
     Only the gallery's cards (at most :data:`GALLERY_LIMIT`) are held until the page is written.
     """
     summary = summarize(store, wall_s=wall_s, outcome=outcome, error=error)
+    try:
+        _write(store, summary)
+    except OSError as exc:  # a full or read-only output folder
+        out = store.out_dir
+        raise ReportError(
+            f"cannot write the reports in {out} ({exc.strerror or exc}) — free space or make the folder writable, "
+            f"then run `batchrunner report {out}`"
+        ) from exc
+    return summary
+
+
+def _write(store: Store, summary: dict[str, Any]) -> None:
     out = store.out_dir
     with (
         _report_file(out / "report.json") as as_json,
@@ -130,7 +157,15 @@ def write_reports(store: Store, *, wall_s: float | None = None, outcome: str | N
             page.add(job)
         as_json.write("\n]}\n")
         as_html.write(page.render())
-    return summary
+
+
+def _requests_line(requests: dict[str, int]) -> str:
+    """What was paid for, in words (the report page's header and ``batchrunner status``)."""
+    return (
+        f"generate requests sent {requests['sent']} · answered with a task id {requests['answered_with_task_id']} · "
+        f"possibly created without an answer (ambiguous) {requests['ambiguous']} · "
+        f"re-paid after the API forgot a task {requests['repaid']} · possibly paid twice {requests['possibly_paid_twice']}"
+    )
 
 
 def render_gallery(store: Store, *, review_token: str | None = None, page: int = 1) -> tuple[str, set[str]]:

@@ -147,7 +147,7 @@ def decide_paths(out_dir: Path, paths: Iterable[str], decision: str | None) -> l
     for given in paths:
         path = given.replace("\\", "/").removeprefix("./")
         wanted.append(path.removeprefix(prefix) if path.startswith(prefix) else path)
-    store = Store.open(out_dir, lock=False, create=False)
+    store = Store.open(out_dir, lock=False, create=False, write=True)
     try:
         found = store.finished_at(wanted)
         unknown = [p for p in dict.fromkeys(wanted) if p not in found]
@@ -286,7 +286,7 @@ class _Server:
 @asynccontextmanager
 async def serve(out_dir: Path, *, port: int = 0) -> AsyncIterator[Reviewing]:
     """Serve ``out_dir``'s review page on 127.0.0.1 (``port`` 0: a free one) for the duration of the block."""
-    store = Store.open(out_dir, lock=False, create=False)
+    store = Store.open(out_dir, lock=False, create=False, write=True)
     try:
         server = _Server(store)
         runner = web.AppRunner(server.app, access_log=None, handle_signals=False)

@@ -375,7 +375,7 @@ class Runner:
         except ResultWriteError as exc:
             self._fail(job, exc.message, REPOLL)
         except UnknownTask as exc:
-            self._fail(job, f"{exc.message}: it is resubmitted on the next run", RESUBMIT)
+            self._fail(job, f"{exc.message}: it is resubmitted on the next run (and paid again)", RESUBMIT, repaid=1)
         except PermanentApiError as exc:
             self._fail(job, exc.message, NOT_RETRYABLE)
         except TransientApiError as exc:
@@ -383,8 +383,8 @@ class Runner:
         finally:
             self._slots.release()
 
-    def _fail(self, job: Job, reason: str, retryable: int) -> None:
-        self.store.transition(job, JobState.FAILED, event=reason, error=reason, retryable=retryable, finished_at=self.clock())
+    def _fail(self, job: Job, reason: str, retryable: int, **counters: int) -> None:
+        self.store.transition(job, JobState.FAILED, event=reason, error=reason, retryable=retryable, finished_at=self.clock(), **counters)
         self.on_event("failed", job, reason)
 
     async def _submit(self, job: Job) -> bool:
@@ -397,11 +397,11 @@ class Runner:
             if self.stop_reason is not None:
                 return False
             await self.pacer.generate_slot()
-            self.store.transition(job, JobState.SUBMITTING)
+            self.store.transition(job, JobState.SUBMITTING, sends=1)  # counted before the POST, committed with it
             try:
                 await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
             except anyio.get_cancelled_exc_class():
-                self.store.transition(job, JobState.PENDING)  # stopped before sending: not ambiguous
+                self.store.transition(job, JobState.PENDING, sends=-1)  # stopped before sending: not ambiguous, not sent
                 raise
             delay = 0.0
             # a sent POST's task id is always recorded — unless a stop cuts the wait short (see Interrupt)
@@ -415,7 +415,7 @@ class Runner:
                     self._rate_limited(exc, backoff(attempt, base_s=1.0, cap_s=self.config.backoff_cap_s, rng=self.rng))
                     continue
                 except Unreachable as exc:  # nothing was sent: the job waits, the run decides whether to go on
-                    self.store.transition(job, JobState.PENDING, event=exc.message)
+                    self.store.transition(job, JobState.PENDING, event=exc.message, sends=-1)
                     self._check_unreachable(exc)
                     self.on_event("retry", job, exc.message)
                     delay = backoff(1, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng)
@@ -522,8 +522,9 @@ class Runner:
                             return
                         sidecar = {
                             "job_id": job.id, "model": job.model, "prompt": str(model_fields(job.body).get("prompt", "")),
-                            "request": job.body, "vars": job.vars,
-                            "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
+                            "request": job.body, "vars": job.vars, "variant": job.variant, "modality": job.modality,
+                            "credits": job.credits, "path_template": job.path, "task_id": job.task_id,
+                            "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
                         }  # fmt: skip
                         fetched = await save(
                             answer, self.config.out_dir, job.path, sidecar, self._finisher, modality=job.modality, limits=self._limits
@@ -599,6 +600,7 @@ async def run_campaign(
         raise
     started_at = time.time()
     outcome, error = "interrupted", None
+    failing: BatchRunnerError | None = None
     try:
         before = store.totals()
         store.start_run()
@@ -635,12 +637,16 @@ async def run_campaign(
         else:
             outcome = "failed" if counts.get("failed") else "complete"
     except BatchRunnerError as exc:
-        outcome, error = "stopped", exc.message
+        outcome, error, failing = "stopped", exc.message, exc
         raise
     finally:
         try:
             summary = write_reports(store, wall_s=time.time() - started_at, outcome=outcome, error=error)
             store.end_run(outcome, summary)
+        except BatchRunnerError as report_exc:  # the reports (disk full…): never hide why the run itself stopped
+            if failing is None:
+                raise
+            failing.args = (f"{failing.message} (and the reports could not be written: {report_exc.message})",)
         finally:
             store.close()
     counts = dict(summary["counts"])

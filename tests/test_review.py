@@ -168,12 +168,10 @@ def test_rejected_file_moved_but_state_not_updated_is_retaken_once(demo: Path) -
     try:
         found = store.recover()
         assert found["files_missing"] == 1 and found["retaken"] == 1
-        assert [tuple(r) for r in store.conn.execute("SELECT state, take, review FROM jobs WHERE origin IS NOT NULL")] == [
-            ("pending", 2, None)
-        ]
         assert store.recover()["retaken"] == 0
     finally:
         store.close()
+    assert state_rows(demo, "SELECT state, take, review FROM jobs WHERE origin IS NOT NULL") == [("pending", 2, None)]
 
 
 def test_sync_keeps_finding_a_retaken_job_and_a_changed_spec_is_a_new_job(demo: Path, write) -> None:  # type: ignore[no-untyped-def]
@@ -324,7 +322,9 @@ def test_review_server_refuses_cross_origin_writes_and_files_outside(demo: Path,
 
 
 def test_review_refuses_a_directory_without_state_and_a_taken_port(demo: Path, tmp_path: Path) -> None:
-    result = cli("review", str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("review", str(empty))
     assert result.returncode == 2 and "holds no batchrunner state" in result.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
