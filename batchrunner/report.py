@@ -398,8 +398,8 @@ class Gallery:
             f"<p class=run>run {self._run_number()}started {_e(_when(run.get('started_at')))} · wall time "
             f"{_e(wall if wall is not None else '—')} s · outcome <b>{_e(summary['outcome'] or run.get('outcome') or '—')}</b></p>",
             f"<p class=counts>{summary['jobs']} jobs: {counts}</p>",
-            f"<p>credits spent {credits['spent']:g}{planned} · submits {summary['submits']}"
-            f" · ambiguous resubmits {summary['ambiguous_resubmitted']} · models: {_e(', '.join(summary['models']))}</p>",
+            f"<p>credits spent {credits['spent']:g}{planned} · models: {_e(', '.join(summary['models']))}</p>",
+            f"<p class=requests>{_requests_line(summary['requests'])}</p>",
             f"<p class=reviewed>review: {review} (of {sum(self.reviews.values())} results)</p></header>",
         ]
 

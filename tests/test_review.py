@@ -347,7 +347,8 @@ def summary(**fields: Any) -> dict[str, Any]:
     return {
         "campaign": "c", "outcome": "complete", "error": None, "jobs": 3, "counts": {"done": 1, "failed": 1, "pending": 1},
         "ambiguous_resubmitted": 0, "submits": 2, "credits": {"spent": 0.0, "planned": None}, "wall_s": 1.5, "runs": 1,
-        "models": ["flux-2"], **fields,
+        "models": ["flux-2"],
+        "requests": {"sent": 2, "answered_with_task_id": 2, "ambiguous": 0, "repaid": 0, "possibly_paid_twice": 0}, **fields,
     }  # fmt: skip
 
 
