@@ -50,7 +50,10 @@ async def inspect_page(browser: str, url: str, shot: Path) -> dict[str, object]:
     """Load ``url`` in headless Chromium over the DevTools protocol: console errors, image decode, screenshot."""
     async with open_page(browser) as page:
         await page.navigate(url)
-        widths = await page.js("Promise.all(Array.from(document.images).map(i => i.decode().then(() => i.naturalWidth, () => 0)))")
+        eager = "i.loading = 'eager'"  # lazy images below the fold would never load otherwise
+        widths = await page.js(
+            f"Promise.all(Array.from(document.images).map(i => {{ {eager}; return i.decode().then(() => i.naturalWidth, () => 0); }}))"
+        )
         await page.screenshot(shot)
         return {"errors": page.errors, "widths": widths}
 
