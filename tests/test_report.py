@@ -50,10 +50,8 @@ async def inspect_page(browser: str, url: str, shot: Path) -> dict[str, object]:
     """Load ``url`` in headless Chromium over the DevTools protocol: console errors, image decode, screenshot."""
     async with open_page(browser) as page:
         await page.navigate(url)
-        eager = "i.loading = 'eager'"  # lazy images below the fold would never load otherwise
-        widths = await page.js(
-            f"Promise.all(Array.from(document.images).map(i => {{ {eager}; return i.decode().then(() => i.naturalWidth, () => 0); }}))"
-        )
+        load = "i => { i.loading = 'eager'; return i.decode().then(() => i.naturalWidth, () => 0); }"  # lazy ones would not load
+        widths = await page.js(f"Promise.all(Array.from(document.images).map({load}))")
         await page.screenshot(shot)
         return {"errors": page.errors, "widths": widths}
 
