@@ -6,6 +6,7 @@ against a socket that accepts requests and never answers — the network as it c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from batchrunner.client import Client, Failed, Processing, Succeeded, Unrecognised
-from batchrunner.runner import run_campaign
+from batchrunner.runner import Interrupt, run_campaign
 from batchrunner.sandbox import serve
 
 from .conftest import ROOT
@@ -197,3 +198,64 @@ async def test_ticks_say_what_the_run_is_waiting_for(tmp_path: Path) -> None:
 )
 def test_status_answers_are_read_as_documented_or_flagged(http: int, body: bytes, expected: object) -> None:
     assert Client(api_key="k1234")._interpret(http, body, {}) == expected
+
+
+async def test_a_status_word_never_seen_is_counted_then_fails_the_job_with_the_apis_words(tmp_path: Path) -> None:
+    events: list[str] = []
+    async with serve(sandbox(p_status_word=1.0, status_word="queued_for_review", fault_prompt="sneaker")) as (_, url):
+        result = await run_campaign(
+            plan_of(CSV), cfg(tmp_path, max_unrecognised=4), api_key=KEY, base_url=url, on_event=lambda k, j, d: events.append(k)
+        )
+    assert result.counts == {"done": 3, "failed": 1}  # one job's strange answers fail that job only
+    report = json.loads((tmp_path / "report.json").read_text())
+    (failed,) = [j for j in report["jobs"] if j["state"] == "failed"]
+    assert "4 times without a result URL" in failed["error"] and "queued_for_review" in failed["error"]
+    assert events.count("unrecognised") == 4
+
+
+async def test_a_failure_word_fails_the_job_at_once(tmp_path: Path) -> None:
+    async with serve(sandbox(p_status_word=1.0, status_word="cancelled", fault_prompt="sneaker")) as (sb, url):
+        result = await run_campaign(plan_of(CSV), cfg(tmp_path), api_key=KEY, base_url=url)
+    assert result.counts == {"done": 3, "failed": 1}
+    report = json.loads((tmp_path / "report.json").read_text())
+    (failed,) = [j for j in report["jobs"] if j["state"] == "failed"]
+    assert "cancelled" in failed["error"]
+    assert sb.stats.status_by_task[failed["task_id"]] == 1  # asked once, not polled on
+
+
+async def test_success_without_a_file_is_counted_then_fails_the_job_kept_for_polling(tmp_path: Path) -> None:
+    async with serve(sandbox(p_no_file=1.0, fault_prompt="sneaker")) as (sb, url):
+        first = await run_campaign(plan_of(CSV), cfg(tmp_path, max_unrecognised=3), api_key=KEY, base_url=url)
+    assert first.counts == {"done": 3, "failed": 1} and sb.stats.tasks_created == 4
+    report = json.loads((tmp_path / "report.json").read_text())
+    (failed,) = [j for j in report["jobs"] if j["state"] == "failed"]
+    assert "3 times without a result URL" in failed["error"] and failed["task_id"]  # the task is kept: polled, not paid, next run
+
+
+async def test_a_key_revoked_mid_run_stops_the_run_once_with_state_saved(tmp_path: Path) -> None:
+    async with serve(sandbox(revoke_key_after=3, time_scale=0.01)) as (sb, url):
+        result = await run_campaign(plan_of(CSV), cfg(tmp_path), api_key=KEY, base_url=url)
+    assert result.outcome == "stopped" and result.error and "API key was refused" in result.error
+    assert "failed" not in result.counts  # nothing failed one by one
+    assert sb.stats.tasks_created <= 3
+
+
+async def test_tasks_the_api_forgot_are_paid_again_and_counted(tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.jsonl"
+    out = tmp_path / "out"
+    async with serve(sandbox(time_scale=10, tasks_file=tasks)) as (sb, url):  # nothing finishes: jobs stay submitted
+        interrupt = Interrupt()
+
+        def stop_when_all_submitted(kind: str, job: object, detail: str) -> None:
+            if kind == "submitted" and sb.stats.tasks_created == 4:
+                interrupt.request()
+
+        first = await run_campaign(plan_of(CSV), cfg(out), api_key=KEY, base_url=url, on_event=stop_when_all_submitted, interrupt=interrupt)
+    assert first.outcome == "interrupted" and first.counts == {"submitted": 4}
+    async with serve(sandbox(tasks_file=tasks, forget_tasks=True)) as (sb, url):  # the account forgot every task
+        lost = await run_campaign(plan_of(CSV), cfg(out), api_key=KEY, base_url=url)
+        assert lost.counts == {"failed": 4} and sb.stats.tasks_created == 0
+        again = await run_campaign(plan_of(CSV), cfg(out), api_key=KEY, base_url=url)
+    assert again.counts == {"done": 4} and sb.stats.tasks_created == 4
+    requests = json.loads((out / "report.json").read_text())["summary"]["requests"]
+    assert requests["repaid"] == 4 and requests["possibly_paid_twice"] == 4
