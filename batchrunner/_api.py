@@ -170,6 +170,7 @@ def preview(
     force: bool = False,
     retry_failed: bool = False,
     env: Mapping[str, str] | None = None,
+    sandbox: bool = False,
 ) -> Preview:
     """What :func:`run` with the same arguments would do — jobs skipped, polled, submitted, their credits — or what it would refuse.
 
@@ -180,7 +181,7 @@ def preview(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
         force=force, retry_failed=retry_failed, env=env,
     )  # fmt: skip
-    return _preview(plan, config)
+    return _preview(plan, replace(config, backend="sandbox") if sandbox else config)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -221,6 +222,7 @@ async def run_async(
         poll_scale=poll_scale, force=force, retry_failed=retry_failed, env=env,
     )  # fmt: skip
     if sb is not None:
+        config = replace(config, backend="sandbox")
         from .sandbox import serve
 
         if sb.tasks_file is None:  # the sandbox keeps its tasks beside the state, so a resumed run finds the tasks it submitted

@@ -83,7 +83,7 @@ def _rerun_line(start: Preview) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = _load(args)
     _warn(plan, False)
-    start = _api.preview(plan, **_settings(args, retry=False))  # refuses exactly what `run` refuses
+    start = _api.preview(plan, sandbox=args.sandbox, **_settings(args, retry=False))  # refuses exactly what `run` refuses
     if args.json:
         data = {
             "campaign": plan.manifest.name,
@@ -663,6 +663,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="as run --force: count an output directory of another campaign as adopted (default: off)"
     )
+    p.add_argument("--sandbox", action="store_true", help="as run --sandbox: the dry run of a run on the embedded sandbox (default: off)")
     common(p)
     budget(p)
     p.set_defaults(func=cmd_plan)

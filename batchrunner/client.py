@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -158,6 +159,27 @@ def _common_errors(http: int, obj: Any, raw: bytes, headers: Any) -> ApiError | 
     if http >= 500:
         return TransientApiError(f"server error (HTTP {http}): {_message(obj, raw)}", status=http)
     return None
+
+
+def endpoint_problems(api_key: str | None, base_url: str | None) -> list[str]:
+    """What is wrong with a key and base URL before anything is sent (a malformed one would fail every request, or worse,
+    fail after the request's state was recorded): empty when both are usable. Never quotes the key."""
+    problems = []
+    if api_key is not None and (not api_key.isprintable() or api_key != api_key.strip() or " " in api_key):
+        problems.append(
+            "CLIPRISE_API_KEY contains a space or a control character (a trailing newline or \\r from a file saved on Windows?) "
+            "— set it to the key alone"
+        )
+    if base_url is not None:
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            parts.port  # noqa: B018 — raises ValueError for a port out of range
+        except ValueError as exc:
+            problems.append(f"CLIPRISE_BASE_URL {base_url!r} is not a URL ({exc}) — set it to http(s)://host[:port]")
+        else:
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(f"CLIPRISE_BASE_URL {base_url!r} is not an http(s) URL with a host — set it to http(s)://host[:port]")
+    return problems
 
 
 class Client:

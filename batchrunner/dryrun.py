@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ManifestError, Problem, StateError
 from .expand import Plan
-from .store import REPOLL, STATE_DIR, Snapshot, snapshot
+from .store import REPOLL, STATE_DIR, Snapshot, backend_mismatch, snapshot
 
 if TYPE_CHECKING:
     from .runner import RunConfig
@@ -198,6 +198,8 @@ def _usable(plan: Plan | None, config: RunConfig, *, jobs: bool) -> Snapshot | N
             f"{out} holds the state of campaign {snap.campaign!r}, not {plan.manifest.name!r} — "
             "choose another --out, or pass --force to adopt it (its finished jobs are kept)"
         )
+    if snap is not None and snap.backend not in (None, config.backend) and not config.force:
+        raise StateError(backend_mismatch(out, snap.backend, config.backend))
     return snap
 
 

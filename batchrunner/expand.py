@@ -50,6 +50,7 @@ MAX_PROBLEMS = 200
 # .batchrunner/ and temp files (.<name>.tmp) are hidden names, refused as a class; the reports
 # sit at the top; a sidecar is <result>.json, and temp or draft names end .tmp or .part.
 REPORT_NAMES = ("report.json", "report.csv", "report.html")
+REJECTED_DIR = "rejected"  # results rejected in review are kept aside there (see store.retake_rejected)
 OWN_SUFFIXES = (".json", ".tmp", ".part")
 # File-system limits, in UTF-8 bytes, with {ext} counted as its own 5 characters (the longest
 # extension is 4): 255 per name, less room for the temp name (".<name>.tmp") and the sidecar
@@ -239,10 +240,12 @@ def safe_path(path: str) -> str:
     if not _PLAIN_PATH.fullmatch(path):  # the common case is already clean
         path = _clean(path)
     low = path.lower()
-    if low.startswith(REPORT_NAMES):
+    if low.startswith((*REPORT_NAMES, REJECTED_DIR)):
         first = path.split("/", 1)[0]
         if first.lower() in REPORT_NAMES:
             raise ValueError(f"is {first}, which batchrunner writes itself — choose another name")
+        if first.lower() == REJECTED_DIR:
+            raise ValueError(f"starts with {first}, the folder where rejected results are kept aside — choose another name")
     if low.endswith(OWN_SUFFIXES) or ("/" in low and _OWN_FOLDER.search(low)):
         segment = next(s for s in path.split("/") if s.lower().endswith(OWN_SUFFIXES))
         raise ValueError(

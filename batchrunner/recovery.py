@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .expand import job_id
+from .expand import REJECTED_DIR, job_id
 
 STATE_DIR = ".batchrunner"
 REPORT_NAMES = ("report.json", "report.csv", "report.html")
@@ -70,10 +70,17 @@ class Rejected:
 
 
 def sidecars(out_dir: Path) -> Iterator[Path]:
-    """Every ``*.json`` under ``out_dir`` that may be a sidecar: not the reports, nothing under ``.batchrunner/``, no symlinked folders."""
+    """Every ``*.json`` under ``out_dir`` that may be a sidecar of this campaign's results.
+
+    Not the reports, nothing under ``.batchrunner/``, nothing under ``rejected/`` (results
+    rejected in review are not deliverables), no symlinked folders, and nothing in a folder
+    that holds another campaign's state (a ``.batchrunner/`` of its own).
+    """
     for folder, dirs, files in os.walk(out_dir):
-        if folder == str(out_dir):
-            dirs[:] = [d for d in dirs if d != STATE_DIR]
+        top = folder == str(out_dir)
+        dirs[:] = [
+            d for d in dirs if not (top and d in (STATE_DIR, REJECTED_DIR)) and not os.path.isdir(os.path.join(folder, d, STATE_DIR))
+        ]
         dirs.sort()
         for name in sorted(files):
             if name.endswith(".json") and not (folder == str(out_dir) and name in REPORT_NAMES):

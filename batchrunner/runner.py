@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 
 from .catalog import model_fields
-from .client import Client, Failed, Processing, Unrecognised
+from .client import Client, Failed, Processing, Unrecognised, endpoint_problems
 from .download import Finisher, Limits, save
 from .dryrun import Preview, RunTally, check, started, tally
 from .errors import (
@@ -42,8 +42,10 @@ from .errors import (
     AuthError,
     BatchRunnerError,
     FatalApiError,
+    ManifestError,
     OutputUnwritable,
     PermanentApiError,
+    Problem,
     RateLimited,
     ResultWriteError,
     StateError,
@@ -85,6 +87,7 @@ class RunConfig:
     tick_s: float = 1.0  # how often the ``tick`` event reports what the run is waiting for
     force: bool = False
     retry_failed: bool = False
+    backend: str = "api"  # "sandbox" for the embedded sandbox: a folder's results are never mixed across the two
 
 
 @dataclass(slots=True)
@@ -587,6 +590,8 @@ async def run_campaign(
 
     if client is None and not api_key:
         raise AuthError("no API key: pass api_key (the CLI reads CLIPRISE_API_KEY), or an open client")
+    if client is None and (bad := endpoint_problems(api_key, base_url)):
+        raise ManifestError([Problem("environment", None, text) for text in bad])
     check(plan, config)
     store = Store.open(config.out_dir, create=plan is not None)
     resuming = plan is None
@@ -594,6 +599,8 @@ async def run_campaign(
         if plan is not None:
             store.claim(plan.manifest.name, force=config.force)
             store.set_meta("group_var", plan.group_var or "")
+        store.claim_backend(config.backend, force=config.force)
+        if plan is not None:
             resuming = bool(store.sync(plan.specs).known)
     except StateError:
         store.close()

@@ -49,7 +49,7 @@ from typing import Any
 import anyio
 
 from .errors import StateDamaged, StateError, StateLost, StateWriteError, redact
-from .expand import JobSpec
+from .expand import REJECTED_DIR, JobSpec
 from .recovery import STATE_DIR, FinishedJob, Rejected, earlier_results, file_matches, finished_jobs
 
 STATE_FILE = "state.sqlite"
@@ -57,7 +57,6 @@ RESERVE_FILE = "reserve"
 RESERVE_BYTES = 4 << 20  # freed when the disk fills, so the last batch of task ids can still be committed
 GROUP_S = 0.001  # how long the first job asking for a commit waits for others to share it
 NOT_RETRYABLE, RESUBMIT, REPOLL = 0, 1, 2
-REJECTED_DIR = "rejected"  # under the output folder: rejected results, kept as <name>.take<n>.<ext>
 REVIEW_DECISIONS = ("approved", "rejected", None)
 
 __all__ = ["STATE_DIR", "JobState", "Rebuilt", "Store", "peek", "rebuild"]
@@ -263,6 +262,18 @@ class Store:
                 "choose another --out, or pass --force to adopt it (its finished jobs are kept)"
             )
         self.set_meta("campaign", campaign)
+
+    def claim_backend(self, backend: str, *, force: bool = False) -> None:
+        """Bind this directory to where its jobs run ("api" or "sandbox"); refuse the other unless ``force``.
+
+        The embedded sandbox's results are placeholders and its task ids mean nothing to the
+        real API: a real run must not keep them as finished work, nor poll them.
+        """
+        current = self.meta("backend")
+        if current is not None and current != backend and not force:
+            raise StateError(backend_mismatch(self.out_dir, current, backend))
+        if current != backend:
+            self.set_meta("backend", backend)
 
     def start_run(self) -> int:
         self.flush()
@@ -950,6 +961,15 @@ def _connect_reader(out_dir: Path, db: Path) -> sqlite3.Connection:
     return conn
 
 
+def backend_mismatch(out_dir: Path, current: str, wanted: str) -> str:
+    """Why a run on ``wanted`` refuses a folder made on ``current`` (the words run and plan both say)."""
+    names = {"sandbox": "the embedded sandbox (--sandbox)", "api": "the real API"}
+    return (
+        f"{out_dir} holds the results of runs on {names.get(current, current)}, not on {names.get(wanted, wanted)} — "
+        "choose another --out (or pass --force to adopt them as they are)"
+    )
+
+
 def retake_id(origin: str, take: int) -> str:
     """The id of a job's ``take``-th take (2, 3, …) from its first id, the manifest's (a contract: see the README)."""
     return hashlib.sha256(f"batchrunner-retake-v1\0{origin}\0{take}".encode()).hexdigest()[:20]
@@ -989,6 +1009,7 @@ class Snapshot:
     ambiguous: int
     locked_by: str | None
     rejected: frozenset[str] = frozenset()
+    backend: str | None = None
 
 
 def snapshot(out_dir: Path, *, jobs: bool = True) -> Snapshot | None:
@@ -1017,6 +1038,7 @@ def snapshot(out_dir: Path, *, jobs: bool = True) -> Snapshot | None:
     try:
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'campaign'").fetchone()
+            made_on = conn.execute("SELECT value FROM meta WHERE key = 'backend'").fetchone()
             rows: dict[str, Any] = {}
             spent, ambiguous, rejected = 0.0, 0, frozenset[str]()
             if jobs:
@@ -1040,6 +1062,7 @@ def snapshot(out_dir: Path, *, jobs: bool = True) -> Snapshot | None:
         ambiguous=int(ambiguous),
         locked_by=locked_by,
         rejected=rejected,
+        backend=None if made_on is None else str(made_on[0]),
     )
 
 

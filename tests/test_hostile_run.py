@@ -24,7 +24,7 @@ from batchrunner.client import Client, Failed, Processing, Succeeded, Unrecognis
 from batchrunner.runner import Interrupt, run_campaign
 from batchrunner.sandbox import serve
 
-from .conftest import ROOT
+from .conftest import ROOT, cli, sandbox_process, stats
 from .test_run import KEY, cfg, plan_of, sandbox
 
 CSV = ROOT / "manifests/demo.csv"
@@ -259,3 +259,42 @@ async def test_tasks_the_api_forgot_are_paid_again_and_counted(tmp_path: Path) -
     assert again.counts == {"done": 4} and sb.stats.tasks_created == 4
     requests = json.loads((out / "report.json").read_text())["summary"]["requests"]
     assert requests["repaid"] == 4 and requests["possibly_paid_twice"] == 4
+
+
+@pytest.mark.parametrize(
+    ("key", "url", "said"),
+    [
+        ("k", "garbage", "is not an http(s) URL"),
+        ("k", "ftp://x/", "is not an http(s) URL"),
+        ("k", "http://127.0.0.1:99999", "is not a URL"),
+        ("k", "http://[::1", "is not a URL"),
+        ("sk-XYZ-secret\r", "http://127.0.0.1:1", "CLIPRISE_API_KEY contains a space or a control character"),
+    ],
+)
+def test_a_malformed_key_or_base_url_is_refused_before_anything_is_sent(tmp_path: Path, key: str, url: str, said: str) -> None:
+    result = cli("run", str(CSV), "--out", str(tmp_path / "o"), env={"CLIPRISE_API_KEY": key, "CLIPRISE_BASE_URL": url})
+    assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr
+    assert "sk-XYZ-secret" not in result.stderr  # the key itself is never quoted
+    assert not (tmp_path / "o").exists()
+
+
+def test_results_made_on_the_sandbox_are_never_kept_by_a_real_run(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert cli("run", str(CSV), "--sandbox", "--out", str(out), "--quiet").returncode == 0
+    with sandbox_process("--key", KEY, "--time-scale", "0.001") as url:
+        env = {"CLIPRISE_API_KEY": KEY, "CLIPRISE_BASE_URL": url}
+        refused = cli("run", str(CSV), "--out", str(out), env=env)
+        planned = cli("plan", str(CSV), "--out", str(out), env=env)
+        for result in (refused, planned):
+            assert result.returncode == 2 and "holds the results of runs on the embedded sandbox" in result.stderr, result.stderr
+        assert stats(url)["generate_requests"] == 0
+        assert cli("plan", str(CSV), "--out", str(out), "--sandbox").returncode == 0  # the dry run of a sandbox run agrees
+        adopted = cli("run", str(CSV), "--out", str(out), "--force", "--quiet", env=env)
+        assert adopted.returncode == 0, adopted.stderr
+
+
+def test_a_result_path_in_the_rejected_folder_is_refused(tmp_path: Path) -> None:
+    m = tmp_path / "m.yaml"
+    m.write_text('path: "rejected/{i}.{ext}"\nmatrix: {i: [1, 2]}\njobs:\n  - {model: flux-2, prompt: "p {i}"}\n')
+    result = cli("plan", str(m))
+    assert result.returncode == 2 and "the folder where rejected results are kept aside" in result.stderr
