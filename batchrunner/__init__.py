@@ -5,7 +5,7 @@ The public API (everything else is internal and may change)::
     import batchrunner
 
     plan = batchrunner.load_plan("manifests/demo.yaml")        # every job, checked; sends nothing
-    print(batchrunner.preview(plan, out="out/demo").to_run)     # what a run would do, or why it would refuse
+    print(batchrunner.preview(plan, out="out/demo", sandbox=True).to_run)  # what a run would do, or why it would refuse
     result = batchrunner.run(plan, out="out/demo", sandbox=True)  # or api_key=... (default $CLIPRISE_API_KEY)
     print(result.outcome, result.tally)
     for item in batchrunner.results("out/demo"):                # finished files: path, sha256, vars

@@ -91,7 +91,7 @@ async def test_library_callers_keep_the_manifests_settings(tmp_path: Path, write
 def test_run_status_results_and_preview_agree(tmp_path: Path) -> None:
     plan = batchrunner.load_plan(ROOT / "manifests/demo.csv")
     out = tmp_path / "o"
-    before = batchrunner.preview(plan, out=out, env={})
+    before = batchrunner.preview(plan, out=out, env={}, sandbox=True)
     assert (before.resuming, before.to_run, before.done) == (False, 4, 0)
     result = batchrunner.run(plan, out=out, sandbox=SandboxConfig(time_scale=0.001), env={})
     assert result.outcome == "complete" and result.tally is not None
@@ -107,7 +107,7 @@ def test_run_status_results_and_preview_agree(tmp_path: Path) -> None:
 
     gone = found[0].path
     gone.unlink()
-    again = batchrunner.preview(plan, out=out, env={})
+    again = batchrunner.preview(plan, out=out, env={}, sandbox=True)
     assert (again.resuming, again.done, again.files_gone, again.to_submit, again.to_run) == (True, 3, 1, 1, 1)
     starts: list[batchrunner.Preview] = []
     rerun = batchrunner.run(plan, out=out, sandbox=SandboxConfig(time_scale=0.001), on_start=starts.append, env={})
@@ -135,7 +135,7 @@ def test_failures_carry_their_path_and_retry_runs_them(tmp_path: Path) -> None:
     assert sorted(f.path for f in st.failures) == sorted(s.path.replace("{ext}", "*") for s in plan.specs)
     assert all("content policy" in f.error for f in st.failures)
     # a plain re-run leaves the API's failures alone (they would cost again); retry runs them
-    assert batchrunner.preview(plan, out=out, env={}).stays_failed == 4
+    assert batchrunner.preview(plan, out=out, env={}, sandbox=True).stays_failed == 4
     retried = batchrunner.run(None, out=out, retry_failed=True, sandbox=SandboxConfig(time_scale=0.001), env={})
     assert retried.outcome == "complete" and retried.tally is not None and retried.tally.ran == 4
 

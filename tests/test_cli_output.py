@@ -136,7 +136,7 @@ def test_plan_refuses_exactly_what_run_refuses(
     existed = out.exists()
     capsys.readouterr()
 
-    plan_code = main(["plan", path, "--out", str(out), "--json", *extra])
+    plan_code = main(["plan", path, "--out", str(out), "--json", "--sandbox", *extra])
     plan_out = capsys.readouterr()
     run_code = main(["run", path, "--out", str(out), *extra, *FAST])
     run_out = capsys.readouterr()
@@ -158,7 +158,7 @@ def test_plan_and_run_refuse_a_folder_another_run_holds(tmp_path: Path, capsys) 
     out = tmp_path / "o"
     holder = Store.open(out)
     try:
-        plan_code = main(["plan", "manifests/demo.csv", "--out", str(out)])
+        plan_code = main(["plan", "manifests/demo.csv", "--out", str(out), "--sandbox"])
         plan_err = capsys.readouterr().err
         run_code = main(["run", "manifests/demo.csv", "--out", str(out), *FAST])
         run_err = capsys.readouterr().err
@@ -172,10 +172,10 @@ def test_plan_counts_a_deleted_result_as_run_again(tmp_path: Path, capsys) -> No
     out = tmp_path / "o"
     run_demo_csv(out)
     capsys.readouterr()
-    assert main(["plan", "manifests/demo.csv", "--out", str(out)]) == 0
+    assert main(["plan", "manifests/demo.csv", "--out", str(out), "--sandbox"]) == 0
     assert "a re-run skips 4 finished jobs and runs 0\n" in capsys.readouterr().out
     delete_one_result(out)
-    assert main(["plan", "manifests/demo.csv", "--out", str(out)]) == 0
+    assert main(["plan", "manifests/demo.csv", "--out", str(out), "--sandbox"]) == 0
     assert "a re-run skips 3 finished jobs and runs 1 (1 because their result file is gone)" in capsys.readouterr().out
     assert main(["run", "manifests/demo.csv", "--out", str(out), *FAST]) == 0
     captured = capsys.readouterr()

@@ -136,13 +136,13 @@ def test_max_credits_counts_the_rejected_jobs_a_rerun_makes_again(tmp_path: Path
     assert main(["run", str(m), "--sandbox", "--out", str(out), "--quiet"]) == 0  # 30 credits spent
     assert cli("reject", str(out), "a.png", "b.png").returncode == 0
     too_much = "the plan costs 20 credits to run (30 already spent), more than max_credits 40"
-    planned = cli("plan", str(m), "--out", str(out), "--json")  # plan refuses what run refuses
+    planned = cli("plan", str(m), "--out", str(out), "--json", "--sandbox")  # plan refuses what run refuses
     assert planned.returncode == 2 and too_much in planned.stderr
     refused = cli("run", str(m), "--sandbox", "--out", str(out), "--quiet")
     assert refused.returncode == 2 and too_much in refused.stderr
     assert (out / "a.png").exists() and not (out / "rejected").exists()  # refused before anything moved
     assert cli("approve", str(out), "b.png").returncode == 0  # changed my mind: one retake fits the budget
-    plan = json.loads(cli("plan", str(m), "--out", str(out), "--json").stdout)
+    plan = json.loads(cli("plan", str(m), "--out", str(out), "--json", "--sandbox").stdout)
     assert plan["to_run"] == 1 and plan["credits_to_run"] == 10 and plan["rejected_to_redo"] == 1
     assert main(["run", str(m), "--sandbox", "--out", str(out), "--quiet"]) == 0
     assert (out / "rejected/a.take1.png").is_file() and not (out / "rejected/b.take1.png").exists()
