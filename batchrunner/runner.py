@@ -47,11 +47,15 @@ from .errors import (
     RateLimited,
     ResultWriteError,
     StateError,
+    StorageError,
+    StorageUnavailable,
     TransientApiError,
     UnknownTask,
     Unreachable,
 )
 from .expand import Plan
+from .inputs import TOKEN_PREFIX, Inputs, LoopbackStorage, resolve, tokens
+from .storage import SIDECAR, Storage, complete, open_storage
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
 
 FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
@@ -85,6 +89,11 @@ class RunConfig:
     tick_s: float = 1.0  # how often the ``tick`` event reports what the run is waiting for
     force: bool = False
     retry_failed: bool = False
+    storage_url: str | None = None  # s3://bucket/prefix (gs://, az://): inputs uploaded there, results kept there too
+    storage_endpoint: str | None = None  # an S3-compatible service's URL (default: $AWS_ENDPOINT_URL)
+    url_lifetime_s: float = 3600.0  # how long a presigned input URL stays valid
+    keep_local: bool = True  # False: results live only in the bucket
+    loopback_inputs: bool = False  # no storage_url: serve file: inputs from the output folder on 127.0.0.1 (the embedded sandbox)
 
 
 @dataclass(slots=True)
@@ -231,8 +240,11 @@ class Runner:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        inputs: Inputs | None = None,
+        results: Storage | None = None,
     ) -> None:
         self.config, self.store, self.client = config, store, client
+        self.inputs, self.results = inputs, results
         self.on_event = on_event or (lambda kind, job, detail: None)
         self.clock, self.sleep = clock, sleep
         self.rng = rng or random.Random()
@@ -367,13 +379,15 @@ class Runner:
             if job.state == JobState.PENDING and not await self._submit(job):
                 return
             await self._collect(job)
-        except (FatalApiError, OutputUnwritable) as exc:  # no other request or write can succeed: stop, state saved
+        except (FatalApiError, OutputUnwritable, StorageUnavailable) as exc:  # no other request or write can succeed: stop, state saved
             self.fatal = exc if isinstance(exc, FatalApiError) else self.fatal
             self._stop(exc.message)
             if self._scope is not None:
                 self._scope.cancel()
         except ResultWriteError as exc:
             self._fail(job, exc.message, REPOLL)
+        except StorageError as exc:  # a bucket refused one object: this job fails; the next run tries again
+            self._fail(job, exc.message, REPOLL if job.task_id else RESUBMIT)
         except UnknownTask as exc:
             self._fail(job, f"{exc.message}: it is resubmitted on the next run (and paid again)", RESUBMIT, repaid=1)
         except PermanentApiError as exc:
@@ -397,6 +411,7 @@ class Runner:
             if self.stop_reason is not None:
                 return False
             await self.pacer.generate_slot()
+            body = await self._body(job)  # signed again at every submit: never a stale URL
             self.store.transition(job, JobState.SUBMITTING, sends=1)  # counted before the POST, committed with it
             try:
                 await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
@@ -408,7 +423,7 @@ class Runner:
             with anyio.CancelScope(shield=True) as shield:
                 self._shields.add(shield)
                 try:
-                    task_id = await self.client.generate(job.body)
+                    task_id = await self.client.generate(body)
                 except RateLimited as exc:
                     self.store.transition(job, JobState.PENDING, event=exc.message)
                     self.on_event("rate_limited", job, exc.message)
@@ -464,6 +479,30 @@ class Runner:
             if shield.cancelled_caught:
                 return job.state == JobState.SUBMITTED
             await self.sleep(delay)
+
+    async def _body(self, job: Job) -> dict[str, Any]:
+        """The body to send: each local input's token replaced by a freshly presigned URL (the state keeps the tokens)."""
+        names = tokens(job.body)
+        if not names:
+            return job.body
+        if self.inputs is None:
+            raise StorageError("this job sends local files (file: inputs) but no storage is configured — pass --storage s3://bucket/prefix")
+        urls = {name: await self.inputs.storage.presign(self._input_key(name), self.inputs.lifetime_s) for name in names}
+        return dict(resolve(job.body, urls))
+
+    def _input_key(self, name: str) -> str:
+        assert self.inputs is not None
+        bare = name[len(TOKEN_PREFIX) :]
+        return f"{self.inputs.prefix}/{bare}" if self.inputs.prefix else bare
+
+    async def _keep(self, rel: str, sha256: str, size: int) -> None:
+        """Put a verified local result and its sidecar into the bucket (whole or not at all); without local copies, move them there."""
+        assert self.results is not None
+        src = self.config.out_dir / rel
+        sidecar = await anyio.to_thread.run_sync(lambda: (self.config.out_dir / (rel + SIDECAR)).read_text("utf-8"))
+        await self.results.put_result(rel, src, sidecar, sha256=sha256, size=size, take=not self.config.keep_local)
+        if not self.config.keep_local:
+            await anyio.to_thread.run_sync(lambda: (self.config.out_dir / (rel + SIDECAR)).unlink(missing_ok=True))
 
     async def _collect(self, job: Job) -> None:
         """Poll a submitted job with ``download=true`` until its file is saved or it fails.
@@ -545,9 +584,20 @@ class Runner:
                 await self.sleep(backoff(errors, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng))
                 continue
             break
+        stored: dict[str, Any] = {}
+        if self.results is not None:
+            await self._keep(fetched.path, fetched.sha256, fetched.bytes)
+            stored["stored_at"] = self.clock()
         now = self.clock()
         self.store.transition(
-            job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now, duration_s=job.duration_s
+            job,
+            JobState.DONE,
+            path=fetched.path,
+            sha256=fetched.sha256,
+            bytes=fetched.bytes,
+            finished_at=now,
+            duration_s=job.duration_s,
+            **stored,
         )
         self.on_event("done", job, fetched.path)
 
@@ -604,15 +654,23 @@ async def run_campaign(
     try:
         before = store.totals()
         store.start_run()
-        found = store.recover()
-        store.reset_failed(retryable_only=not config.retry_failed)
-        start = started(
-            config.out_dir, store.counts(), found,
-            spent=before["credits_spent"], ambiguous_before=int(before["ambiguous_resubmitted"]), resuming=resuming,
-        )  # fmt: skip
-        if on_start is not None:
-            on_start(start)
         async with AsyncExitStack() as stack:
+            inputs, results, remote = await _storages(plan, config, store, stack)
+            found = store.recover(remote)
+            store.reset_failed(retryable_only=not config.retry_failed)
+            if inputs is not None and plan is not None and plan.inputs:  # before the first submit: every pending job's files, once
+                wanted = {t for job in store.work() if job.state == JobState.PENDING for t in tokens(job.body)}
+                uploaded = await inputs.prepare([plan.inputs[t] for t in sorted(wanted) if t in plan.inputs])
+                if on_event is not None and wanted:
+                    on_event("inputs", None, f"{uploaded} input file(s) uploaded, {len(wanted) - uploaded} already stored")
+            if results is not None and remote is not None:
+                await _store_unstored(store, results, remote, config)
+            start = started(
+                config.out_dir, store.counts(), found,
+                spent=before["credits_spent"], ambiguous_before=int(before["ambiguous_resubmitted"]), resuming=resuming,
+            )  # fmt: skip
+            if on_start is not None:
+                on_start(start)
             if client is None:
                 client = await stack.enter_async_context(
                     Client(
@@ -622,7 +680,7 @@ async def run_campaign(
                         connections=config.concurrency + config.poll_connections,
                     )
                 )
-            runner = Runner(config, store, client, on_event=on_event, rng=rng)
+            runner = Runner(config, store, client, on_event=on_event, rng=rng, inputs=inputs, results=results)
             if interrupt is not None:
                 interrupt._runner = runner
                 if interrupt.requests:
@@ -651,6 +709,46 @@ async def run_campaign(
             store.close()
     counts = dict(summary["counts"])
     return RunResult(outcome, counts, summary, error, start=start, tally=tally(start, counts, summary["ambiguous_resubmitted"]))
+
+
+INPUTS_PREFIX = ".batchrunner/inputs"  # where file: inputs go in the bucket (a hidden name: never a result's path)
+
+
+async def _storages(
+    plan: Plan | None, config: RunConfig, store: Store, stack: Any
+) -> tuple[Inputs | None, Storage | None, set[str] | None]:
+    """The run's input store, result store, and the results already whole in the bucket (one listing)."""
+    if config.storage_url:
+        storage = await stack.enter_async_context(open_storage(config.storage_url, endpoint=config.storage_endpoint))
+        await storage.check()
+        listing = await storage.list("")
+        return Inputs(storage, lifetime_s=config.url_lifetime_s, prefix=INPUTS_PREFIX), storage, complete(listing)
+    if config.loopback_inputs and (plan is None or plan.inputs):
+        loopback = await stack.enter_async_context(LoopbackStorage(config.out_dir / ".batchrunner" / "inputs"))
+        return Inputs(loopback, lifetime_s=config.url_lifetime_s, prefix=""), None, None
+    return None, None, None
+
+
+async def _store_unstored(store: Store, results: Storage, remote: set[str], config: RunConfig) -> None:
+    """Resume: mark the done results the bucket's listing holds; store the others from their local copies."""
+    now = time.time()
+    for job_id, rel, sha256, size in store.unstored():
+        if rel in remote:
+            store.mark_stored(job_id, now)
+            continue
+        src = config.out_dir / rel
+        if not src.is_file():
+            continue
+        sidecar = (config.out_dir / (rel + SIDECAR)).read_text("utf-8")
+        try:
+            await results.put_result(rel, src, sidecar, sha256=sha256, size=size, take=not config.keep_local)
+        except StorageUnavailable:
+            raise
+        except StorageError:
+            continue  # tried again on the next run; the local copy stays
+        if not config.keep_local:
+            (config.out_dir / (rel + SIDECAR)).unlink(missing_ok=True)
+        store.mark_stored(job_id, time.time())
 
 
 def scale_expected(scale: float) -> dict[str, float]:

@@ -1,0 +1,180 @@
+"""Media in, media kept, end to end: the real CLI, the real sandbox, a real S3 server (SeaweedFS).
+
+Local ``file:`` inputs are uploaded once (content-addressed) and sent as presigned URLs
+that the sandbox really fetches; results and sidecars are stored whole in the bucket and
+found again on resume by one listing; bad inputs are refused before anything is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import obstore
+from obstore.store import S3Store
+
+from batchrunner.inputs import TOKEN_PREFIX
+
+from .conftest import S3Server, cli, make_png, sandbox_process
+
+BLUE, GREEN = (0, 0, 255), (0, 200, 0)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tasks(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/_sandbox/tasks", timeout=10) as resp:
+        return dict(json.loads(resp.read()))
+
+
+def bucket(s3: S3Server) -> S3Store:
+    return S3Store(
+        s3.bucket,
+        endpoint=s3.endpoint,
+        virtual_hosted_style_request=False,
+        access_key_id=s3.access_key,
+        secret_access_key=s3.secret_key,
+        region="us-east-1",
+        client_options={"allow_http": True},
+    )
+
+
+def listing(s3: S3Server, prefix: str) -> dict[str, int]:
+    """Every object under ``prefix`` (relative key → size), in one listing."""
+    out: dict[str, int] = {}
+    for page in obstore.list(bucket(s3), prefix + "/"):
+        for meta in page:
+            out[meta["path"][len(prefix) + 1 :]] = meta["size"]
+    return out
+
+
+def get(s3: S3Server, key: str) -> bytes:
+    return bytes(obstore.get(bucket(s3), key).bytes())
+
+
+def photos(tmp: Path, **colours: tuple[int, int, int]) -> dict[str, bytes]:
+    (tmp / "photos").mkdir(exist_ok=True)
+    made = {}
+    for stem, colour in colours.items():
+        data = make_png(60, 40, lambda x, y, c=colour: c if 15 <= x < 45 and 10 <= y < 30 else (255, 255, 255))  # type: ignore[misc]
+        (tmp / "photos" / f"{stem}.png").write_bytes(data)
+        made[stem] = data
+    return made
+
+
+def manifest(tmp: Path, storage: str = "", *, variants: int = 1, extra: str = "") -> Path:
+    path = tmp / "campaign.yaml"
+    path.write_text(
+        "name: photos\n"
+        'path: "{stem}/{model}-v{variant}.{ext}"\n'
+        'rows: {files: "photos/*.png"}\n'
+        + storage
+        + "jobs:\n"
+        + "  - model: kling-video-turbo\n"
+        + '    prompt: "{stem} turning slowly"\n'
+        + '    input: {image_url: "{file}", duration: "5", aspect_ratio: "9:16"}\n'
+        + f"    variants: {variants}\n"
+        + extra
+    )
+    return path
+
+
+def storage_yaml(s3: S3Server, prefix: str, *, keep_local: bool = True) -> str:
+    return f"storage:\n  url: {s3.url(prefix)}\n  endpoint: {s3.endpoint}\n  url_lifetime: 30m\n  keep_local: {str(keep_local).lower()}\n"
+
+
+def env_for(url: str, s3: S3Server | None = None) -> dict[str, str]:
+    env = {"CLIPRISE_API_KEY": "sandbox-key", "CLIPRISE_BASE_URL": url}
+    if s3 is not None:
+        env |= {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_REGION": "us-east-1"}
+    return env
+
+
+def uploads(stdout: str) -> int:
+    found = re.findall(r"\[inputs\]\s+(\d+) input file\(s\) uploaded", stdout)
+    assert found, stdout
+    return int(found[-1])
+
+
+def state_bodies(out: Path) -> list[str]:
+    with sqlite3.connect(out / ".batchrunner" / "state.sqlite") as conn:
+        return [r[0] for r in conn.execute("SELECT spec FROM jobs")]
+
+
+def no_secrets_in(folder: Path, *secrets: str) -> None:
+    """No secret, and no presigned URL, in any file of ``folder`` (state, reports, sidecars, logs)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for secret in secrets:
+                assert secret.encode() not in data, f"{secret[:6]}… found in {path}"
+            assert b"X-Amz-Signature" not in data, f"a presigned URL in {path}"
+
+
+def test_inputs_go_up_once_results_come_back_whole_and_ids_follow_the_files(s3: S3Server, tmp_path: Path) -> None:
+    made = photos(tmp_path, red=(255, 0, 0), blue=BLUE)
+    prefix = f"run-{os.urandom(4).hex()}"
+    path = manifest(tmp_path, storage_yaml(s3, prefix))
+    out = tmp_path / "out"
+    with sandbox_process("--time-scale", "0.001") as url:
+        first = cli("run", str(path), "--out", str(out), "-v", env=env_for(url, s3))
+        assert first.returncode == 0, first.stderr + first.stdout
+        assert uploads(first.stdout + first.stderr) == 2
+        # the sandbox fetched each input through its presigned URL: it hashed what it got
+        seen = sorted(t["inputs"]["input.image_url"] for t in tasks(url).values())
+        assert seen == sorted(sha(d) for d in made.values())
+        stored = listing(s3, prefix)
+        assert {k for k in stored if k.startswith(".batchrunner/inputs/")} == {f".batchrunner/inputs/{sha(d)}.png" for d in made.values()}
+        # every result and its sidecar are in the bucket, whole, at the same relative path
+        results = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.mp4"))
+        assert len(results) == 2
+        for rel in results:
+            assert sha(get(s3, f"{prefix}/{rel}")) == sha((out / rel).read_bytes())
+            assert json.loads(get(s3, f"{prefix}/{rel}.json"))["sha256"] == sha((out / rel).read_bytes())
+        bodies = state_bodies(out)
+        assert all(TOKEN_PREFIX in b for b in bodies)
+        ids = {r.split("/")[0]: json.loads((out / (r + ".json")).read_text())["job_id"] for r in results}
+
+        # a re-run uploads nothing and sends nothing
+        again = cli("run", str(path), "--out", str(out), "-v", env=env_for(url, s3))
+        assert again.returncode == 0, again.stderr
+        assert len(tasks(url)) == 2
+
+        # a replaced photo is a new job; the unchanged one keeps its id (and is not sent again)
+        photos(tmp_path, blue=GREEN)
+        changed = cli("run", str(path), "--out", str(out), "-v", env=env_for(url, s3))
+        assert changed.returncode == 0, changed.stderr + changed.stdout
+        assert uploads(changed.stdout + changed.stderr) == 1
+        assert len(tasks(url)) == 3
+        new_ids = {p.parent.name: json.loads(p.read_text())["job_id"] for p in out.glob("*/*.mp4.json")}
+        assert new_ids["red"] == ids["red"] and new_ids["blue"] != ids["blue"]
+    no_secrets_in(out, s3.secret_key)
+    for stream in (first, again, changed):
+        assert s3.secret_key not in stream.stdout + stream.stderr
+        assert "X-Amz-Signature" not in stream.stdout + stream.stderr
+
+
+def test_an_input_already_in_the_bucket_is_never_put_again(s3: S3Server, tmp_path: Path) -> None:
+    """Plant different (valid) bytes under the photo's content address: a re-upload would overwrite them; the sandbox fetches them."""
+    made = photos(tmp_path, red=(255, 0, 0))
+    prefix = f"once-{os.urandom(4).hex()}"
+    out = tmp_path / "out"
+    with sandbox_process("--time-scale", "0.001") as url:
+        first = cli("run", str(manifest(tmp_path, storage_yaml(s3, prefix))), "--out", str(out), "-v", env=env_for(url, s3))
+        assert first.returncode == 0, first.stderr + first.stdout
+        planted = make_png(20, 20, lambda x, y: GREEN)
+        key = f"{prefix}/.batchrunner/inputs/{sha(made['red'])}.png"
+        obstore.put(bucket(s3), key, planted)
+        second = cli("run", str(manifest(tmp_path, storage_yaml(s3, prefix), variants=2)), "--out", str(out), "-v", env=env_for(url, s3))
+        assert second.returncode == 0, second.stderr + second.stdout
+        assert uploads(second.stdout + second.stderr) == 0
+        assert get(s3, key) == planted
+        assert sorted(t["inputs"]["input.image_url"] for t in tasks(url).values()) == sorted([sha(made["red"]), sha(planted)])
