@@ -178,3 +178,57 @@ def test_an_input_already_in_the_bucket_is_never_put_again(s3: S3Server, tmp_pat
         assert uploads(second.stdout + second.stderr) == 0
         assert get(s3, key) == planted
         assert sorted(t["inputs"]["input.image_url"] for t in tasks(url).values()) == sorted([sha(made["red"]), sha(planted)])
+
+
+def test_the_sandbox_needs_no_cloud_for_file_inputs(tmp_path: Path) -> None:
+    photos(tmp_path, red=(255, 0, 0))
+    out = tmp_path / "out"
+    done = cli("run", str(manifest(tmp_path)), "--out", str(out), "--sandbox", "-v")
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert uploads(done.stdout + done.stderr) == 1
+    assert len(list(out.glob("red/*.mp4"))) == 1
+    assert cli("plan", str(manifest(tmp_path)), "--out", str(out), "--sandbox").returncode == 0
+    no_secrets_in(out)
+
+
+def test_bad_inputs_are_refused_with_file_and_line_and_nothing_sent(s3: S3Server, tmp_path: Path) -> None:
+    photos(tmp_path, good=(255, 0, 0))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("not a picture at all")
+    (tmp_path / "folder.png").mkdir()
+    jobs = "".join(
+        f'  - model: kling-video-turbo\n    prompt: "p{i}"\n    input: {{image_url: "file:{name}"}}\n'
+        for i, name in enumerate(("missing.png", "folder.png", "empty.png", "notes.png"))
+    )
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"name: bad\nstorage: {{url: {s3.url('bad')}}}\njobs:\n" + jobs)
+    with sandbox_process() as url:
+        for command in (("plan", str(path)), ("run", str(path), "--out", str(tmp_path / "out"))):
+            refused = cli(*command, env=env_for(url, s3))
+            assert refused.returncode == 2, refused.stderr
+            for line, words in ((6, "no such file"), (9, "is a folder"), (12, "is empty"), (15, "not an image, video or audio")):
+                assert re.search(rf"bad\.yaml:{line}: .*{words}", refused.stderr), (words, refused.stderr)
+            assert "nothing was sent" in refused.stderr
+        # file: inputs with no storage configured: said how to configure it, at the first file: value
+        path.write_text(
+            'name: nostore\njobs:\n  - model: kling-video-turbo\n    prompt: p\n    input: {image_url: "file:photos/good.png"}\n'
+        )
+        for command in (("plan", str(path)), ("run", str(path), "--out", str(tmp_path / "out2"))):
+            refused = cli(*command, env=env_for(url))
+            assert refused.returncode == 2, refused.stderr
+            assert re.search(r"bad\.yaml:5: file: inputs need object storage.*--storage", refused.stderr), refused.stderr
+        # a bucket that cannot be reached, or refuses our credentials: one clear error before anything is sent, no secret
+        path.write_text(
+            f'name: unreachable\njobs:\n  - model: kling-video-turbo\n    prompt: p\n    input: {{image_url: "file:photos/good.png"}}\n'
+        )
+        wrong = env_for(url, s3) | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-" + os.urandom(6).hex()}
+        for env, endpoint in ((env_for(url, s3), "http://127.0.0.1:9"), (wrong, s3.endpoint)):
+            refused = cli(
+                "run", str(path), "--out", str(tmp_path / "out3"), "--storage", s3.url("x"), env=env | {"AWS_ENDPOINT_URL": endpoint}
+            )
+            assert refused.returncode == 2, refused.stderr + refused.stdout
+            assert "nothing was sent" in refused.stderr
+            assert env["AWS_SECRET_ACCESS_KEY"] not in refused.stderr + refused.stdout
+        with urllib.request.urlopen(url + "/_sandbox/stats", timeout=10) as resp:
+            stats = json.loads(resp.read())
+        assert not tasks(url), stats
