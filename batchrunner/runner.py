@@ -651,6 +651,8 @@ async def run_campaign(
     started_at = time.time()
     outcome, error = "interrupted", None
     failing: BatchRunnerError | None = None
+    links: dict[str, str] = {}
+    links_expire_at: float | None = None
     try:
         before = store.totals()
         store.start_run()
@@ -687,6 +689,8 @@ async def run_campaign(
                     runner.interrupted = True
             if not runner.interrupted:
                 await runner.run(store.work())
+            if results is not None and not config.keep_local:
+                links, links_expire_at = await _links(store, results), time.time() + LINK_LIFETIME_S
         counts = store.counts()
         if runner.interrupted:
             outcome = "interrupted"
@@ -699,7 +703,9 @@ async def run_campaign(
         raise
     finally:
         try:
-            summary = write_reports(store, wall_s=time.time() - started_at, outcome=outcome, error=error)
+            summary = write_reports(
+                store, wall_s=time.time() - started_at, outcome=outcome, error=error, links=links, links_expire_at=links_expire_at
+            )
             store.end_run(outcome, summary)
         except BatchRunnerError as report_exc:  # the reports (disk full…): never hide why the run itself stopped
             if failing is None:
@@ -727,6 +733,17 @@ async def _storages(
         loopback = await stack.enter_async_context(LoopbackStorage(config.out_dir / ".batchrunner" / "inputs"))
         return Inputs(loopback, lifetime_s=config.url_lifetime_s, prefix=""), None, None
     return None, None, None
+
+
+LINK_LIFETIME_S = 7 * 24 * 3600.0  # the gallery's links to results kept only in the bucket (S3's longest)
+
+
+async def _links(store: Store, results: Storage) -> dict[str, str]:
+    """Presigned links to the done results the gallery shows (its first page), for results kept only in the bucket."""
+    from .report import GALLERY_LIMIT
+
+    paths = [job["path"] for job in store.rows(states=["done"]) if job["path"]][:GALLERY_LIMIT]
+    return {path: await results.presign(path, LINK_LIFETIME_S) for path in paths}
 
 
 async def _store_unstored(store: Store, results: Storage, remote: set[str], config: RunConfig) -> None:

@@ -219,7 +219,7 @@ def test_bad_inputs_are_refused_with_file_and_line_and_nothing_sent(s3: S3Server
             assert re.search(r"bad\.yaml:5: file: inputs need object storage.*--storage", refused.stderr), refused.stderr
         # a bucket that cannot be reached, or refuses our credentials: one clear error before anything is sent, no secret
         path.write_text(
-            f'name: unreachable\njobs:\n  - model: kling-video-turbo\n    prompt: p\n    input: {{image_url: "file:photos/good.png"}}\n'
+            'name: unreachable\njobs:\n  - model: kling-video-turbo\n    prompt: p\n    input: {image_url: "file:photos/good.png"}\n'
         )
         wrong = env_for(url, s3) | {"AWS_SECRET_ACCESS_KEY": "wrong-secret-" + os.urandom(6).hex()}
         for env, endpoint in ((env_for(url, s3), "http://127.0.0.1:9"), (wrong, s3.endpoint)):
@@ -232,3 +232,37 @@ def test_bad_inputs_are_refused_with_file_and_line_and_nothing_sent(s3: S3Server
         with urllib.request.urlopen(url + "/_sandbox/stats", timeout=10) as resp:
             stats = json.loads(resp.read())
         assert not tasks(url), stats
+
+
+def test_no_local_copies_results_live_in_the_bucket_and_the_gallery_links_them(s3: S3Server, tmp_path: Path) -> None:
+    photos(tmp_path, red=(255, 0, 0), blue=BLUE)
+    prefix = f"remote-{os.urandom(4).hex()}"
+    path = manifest(tmp_path, storage_yaml(s3, prefix, keep_local=False))
+    out = tmp_path / "out"
+    with sandbox_process("--time-scale", "0.001") as url:
+        first = cli("run", str(path), "--out", str(out), env=env_for(url, s3))
+        assert first.returncode == 0, first.stderr + first.stdout
+        assert not list(out.glob("*/*.mp4")) and not list(out.glob("*/*.json"))  # nothing kept locally
+        stored = listing(s3, prefix)
+        results = sorted(k for k in stored if k.endswith(".mp4"))
+        assert len(results) == 2 and all(k + ".json" in stored for k in results)
+        for key in results:
+            data = get(s3, f"{prefix}/{key}")
+            assert json.loads(get(s3, f"{prefix}/{key}.json"))["sha256"] == sha(data)
+        # the gallery links each result with a presigned URL that really works, and says when they expire
+        page = (out / "report.html").read_text()
+        assert "links expire" in page
+        links = re.findall(r'<a href="(http://127\.0\.0\.1:\d+/[^"]+)">', page)
+        assert len(links) == 2
+        with urllib.request.urlopen(links[0].replace("&amp;", "&"), timeout=10) as resp:
+            assert sha(resp.read()) in {sha(get(s3, f"{prefix}/{k}")) for k in results}
+        # resume knows by one listing that they are done: nothing is sent again
+        again = cli("run", str(path), "--out", str(out), env=env_for(url, s3))
+        assert again.returncode == 0, again.stderr
+        assert "skipped 2 already done" in again.stdout, again.stdout
+        assert len(tasks(url)) == 2
+    for item in out.rglob("*"):
+        if item.is_file() and item.name != "report.html":  # the gallery's links are the presigned URLs of results, by design
+            assert b"X-Amz-Signature" not in item.read_bytes(), item
+        if item.is_file():
+            assert s3.secret_key.encode() not in item.read_bytes()
