@@ -266,3 +266,26 @@ def test_no_local_copies_results_live_in_the_bucket_and_the_gallery_links_them(s
             assert b"X-Amz-Signature" not in item.read_bytes(), item
         if item.is_file():
             assert s3.secret_key.encode() not in item.read_bytes()
+
+
+def test_large_videos_streamed_without_content_length_and_cut_mid_stream_end_up_whole_in_the_bucket(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    photos(tmp_path, red=(255, 0, 0), blue=BLUE, green=GREEN)
+    prefix = f"stream-{os.urandom(4).hex()}"
+    path = manifest(tmp_path, storage_yaml(s3, prefix))
+    out = tmp_path / "out"
+    knobs = ("--time-scale", "0.001", "--video-min-bytes", str(3 << 20), "--chunked-media", "--p-truncate-chunked", "0.5")
+    with sandbox_process(*knobs) as url:
+        done = cli("run", str(path), "--out", str(out), env=env_for(url, s3))
+        assert done.returncode == 0, done.stderr + done.stdout
+        with urllib.request.urlopen(url + "/_sandbox/stats", timeout=10) as resp:
+            faults = json.loads(resp.read())["faults"]
+        assert faults.get("truncate_chunked", 0) >= 1, faults  # at least one download was cut mid-stream and fetched again
+    stored = listing(s3, prefix)
+    results = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.mp4"))
+    assert len(results) == 3
+    for rel in results:
+        local = (out / rel).read_bytes()
+        assert len(local) > 1 << 20
+        assert stored[rel] == len(local) and sha(get(s3, f"{prefix}/{rel}")) == sha(local)
