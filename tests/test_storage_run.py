@@ -11,12 +11,16 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import obstore
+import pytest
 from obstore.store import S3Store
 
 from batchrunner.inputs import TOKEN_PREFIX
@@ -24,6 +28,7 @@ from batchrunner.inputs import TOKEN_PREFIX
 from .conftest import S3Server, cli, make_png, sandbox_process
 
 BLUE, GREEN = (0, 0, 255), (0, 200, 0)
+FAST = ("--poll-scale", "0.001")  # poll as fast as the sandbox (--time-scale 0.001) runs
 
 
 def sha(data: bytes) -> str:
@@ -125,7 +130,7 @@ def test_inputs_go_up_once_results_come_back_whole_and_ids_follow_the_files(s3: 
     path = manifest(tmp_path, storage_yaml(s3, prefix))
     out = tmp_path / "out"
     with sandbox_process("--time-scale", "0.001") as url:
-        first = cli("run", str(path), "--out", str(out), "-v", env=env_for(url, s3))
+        first = cli("run", str(path), "--out", str(out), *FAST, "-v", env=env_for(url, s3))
         assert first.returncode == 0, first.stderr + first.stdout
         assert uploads(first.stdout + first.stderr) == 2
         # the sandbox fetched each input through its presigned URL: it hashed what it got
@@ -144,13 +149,13 @@ def test_inputs_go_up_once_results_come_back_whole_and_ids_follow_the_files(s3: 
         ids = {r.split("/")[0]: json.loads((out / (r + ".json")).read_text())["job_id"] for r in results}
 
         # a re-run uploads nothing and sends nothing
-        again = cli("run", str(path), "--out", str(out), "-v", env=env_for(url, s3))
+        again = cli("run", str(path), "--out", str(out), *FAST, "-v", env=env_for(url, s3))
         assert again.returncode == 0, again.stderr
         assert len(tasks(url)) == 2
 
         # a replaced photo is a new job; the unchanged one keeps its id (and is not sent again)
         photos(tmp_path, blue=GREEN)
-        changed = cli("run", str(path), "--out", str(out), "-v", env=env_for(url, s3))
+        changed = cli("run", str(path), "--out", str(out), *FAST, "-v", env=env_for(url, s3))
         assert changed.returncode == 0, changed.stderr + changed.stdout
         assert uploads(changed.stdout + changed.stderr) == 1
         assert len(tasks(url)) == 3
@@ -168,12 +173,14 @@ def test_an_input_already_in_the_bucket_is_never_put_again(s3: S3Server, tmp_pat
     prefix = f"once-{os.urandom(4).hex()}"
     out = tmp_path / "out"
     with sandbox_process("--time-scale", "0.001") as url:
-        first = cli("run", str(manifest(tmp_path, storage_yaml(s3, prefix))), "--out", str(out), "-v", env=env_for(url, s3))
+        first = cli("run", str(manifest(tmp_path, storage_yaml(s3, prefix))), "--out", str(out), *FAST, "-v", env=env_for(url, s3))
         assert first.returncode == 0, first.stderr + first.stdout
         planted = make_png(20, 20, lambda x, y: GREEN)
         key = f"{prefix}/.batchrunner/inputs/{sha(made['red'])}.png"
         obstore.put(bucket(s3), key, planted)
-        second = cli("run", str(manifest(tmp_path, storage_yaml(s3, prefix), variants=2)), "--out", str(out), "-v", env=env_for(url, s3))
+        second = cli(
+            "run", str(manifest(tmp_path, storage_yaml(s3, prefix), variants=2)), "--out", str(out), *FAST, "-v", env=env_for(url, s3)
+        )
         assert second.returncode == 0, second.stderr + second.stdout
         assert uploads(second.stdout + second.stderr) == 0
         assert get(s3, key) == planted
@@ -240,7 +247,7 @@ def test_no_local_copies_results_live_in_the_bucket_and_the_gallery_links_them(s
     path = manifest(tmp_path, storage_yaml(s3, prefix, keep_local=False))
     out = tmp_path / "out"
     with sandbox_process("--time-scale", "0.001") as url:
-        first = cli("run", str(path), "--out", str(out), env=env_for(url, s3))
+        first = cli("run", str(path), "--out", str(out), *FAST, env=env_for(url, s3))
         assert first.returncode == 0, first.stderr + first.stdout
         assert not list(out.glob("*/*.mp4")) and not list(out.glob("*/*.json"))  # nothing kept locally
         stored = listing(s3, prefix)
@@ -257,7 +264,7 @@ def test_no_local_copies_results_live_in_the_bucket_and_the_gallery_links_them(s
         with urllib.request.urlopen(links[0].replace("&amp;", "&"), timeout=10) as resp:
             assert sha(resp.read()) in {sha(get(s3, f"{prefix}/{k}")) for k in results}
         # resume knows by one listing that they are done: nothing is sent again
-        again = cli("run", str(path), "--out", str(out), env=env_for(url, s3))
+        again = cli("run", str(path), "--out", str(out), *FAST, env=env_for(url, s3))
         assert again.returncode == 0, again.stderr
         assert "skipped 2 already done" in again.stdout, again.stdout
         assert len(tasks(url)) == 2
@@ -268,16 +275,14 @@ def test_no_local_copies_results_live_in_the_bucket_and_the_gallery_links_them(s
             assert s3.secret_key.encode() not in item.read_bytes()
 
 
-def test_large_videos_streamed_without_content_length_and_cut_mid_stream_end_up_whole_in_the_bucket(
-    s3: S3Server, tmp_path: Path
-) -> None:
+def test_large_videos_streamed_without_content_length_and_cut_mid_stream_end_up_whole_in_the_bucket(s3: S3Server, tmp_path: Path) -> None:
     photos(tmp_path, red=(255, 0, 0), blue=BLUE, green=GREEN)
     prefix = f"stream-{os.urandom(4).hex()}"
     path = manifest(tmp_path, storage_yaml(s3, prefix))
     out = tmp_path / "out"
     knobs = ("--time-scale", "0.001", "--video-min-bytes", str(3 << 20), "--chunked-media", "--p-truncate-chunked", "0.5")
     with sandbox_process(*knobs) as url:
-        done = cli("run", str(path), "--out", str(out), env=env_for(url, s3))
+        done = cli("run", str(path), "--out", str(out), *FAST, env=env_for(url, s3))
         assert done.returncode == 0, done.stderr + done.stdout
         with urllib.request.urlopen(url + "/_sandbox/stats", timeout=10) as resp:
             faults = json.loads(resp.read())["faults"]
@@ -289,3 +294,55 @@ def test_large_videos_streamed_without_content_length_and_cut_mid_stream_end_up_
         local = (out / rel).read_bytes()
         assert len(local) > 1 << 20
         assert stored[rel] == len(local) and sha(get(s3, f"{prefix}/{rel}")) == sha(local)
+
+
+def run_until(args: list[str], env: dict[str, str], marker: str) -> None:
+    """Start the real CLI, wait for ``marker`` in its output (an event, not a sleep), then kill -9 it."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPRISE_", "BATCHRUNNER_", "AWS_"))} | env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env
+    )
+    assert proc.stdout is not None
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+        else:
+            raise AssertionError(f"{marker!r} never came: {''.join(seen)[-2000:]}")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+@pytest.mark.parametrize("marker", ["[inputs]", "[submitted]", "[done]"])
+def test_a_hard_kill_during_uploads_or_result_writes_then_resume_loses_nothing_and_pays_once(
+    s3: S3Server, tmp_path: Path, marker: str
+) -> None:
+    photos(tmp_path, red=(255, 0, 0), blue=BLUE, green=GREEN)
+    prefix = f"kill-{os.urandom(4).hex()}"
+    path = manifest(tmp_path, storage_yaml(s3, prefix), variants=3)
+    out = tmp_path / "out"
+    with sandbox_process("--time-scale", "0.001") as url:
+        run_until(["run", str(path), "--out", str(out), *FAST, "-v"], env_for(url, s3), marker)
+        resumed = cli("run", str(path), "--out", str(out), *FAST, env=env_for(url, s3))
+        assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+        created = stats_of(url)["tasks_created"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["counts"] == {"done": 9}
+    assert created - 9 <= report["summary"]["ambiguous_resubmitted"]
+    stored = listing(s3, prefix)
+    for job in report["jobs"]:
+        local = (out / job["path"]).read_bytes()
+        assert sha(local) == job["sha256"]
+        assert stored[job["path"]] == len(local) and sha(get(s3, f"{prefix}/{job['path']}")) == job["sha256"]
+        assert job["path"] + ".json" in stored
+    assert len([k for k in stored if k.startswith(".batchrunner/inputs/")]) == 3
+
+
+def stats_of(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/_sandbox/stats", timeout=10) as resp:
+        return dict(json.loads(resp.read()))
