@@ -10,6 +10,7 @@ output folder   ``out`` (--out)          output       —                       
 concurrency     ``concurrency``          concurrency  BATCHRUNNER_CONCURRENCY     4
 rate            ``rate_per_s`` (--rate)  rate         BATCHRUNNER_RATE            no limit
 credit cap      ``max_credits``          max_credits  BATCHRUNNER_MAX_CREDITS     no cap
+storage         ``storage`` (--storage)  storage.url  BATCHRUNNER_STORAGE         none (``--sandbox``: loopback)
 catalog         ``catalog``              —            BATCHRUNNER_CATALOG         the shipped one
 API key         ``api_key``              —            CLIPRISE_API_KEY            — (required)
 base URL        ``base_url``             —            CLIPRISE_BASE_URL           the real host
