@@ -346,3 +346,76 @@ def test_a_hard_kill_during_uploads_or_result_writes_then_resume_loses_nothing_a
 def stats_of(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url + "/_sandbox/stats", timeout=10) as resp:
         return dict(json.loads(resp.read()))
+
+
+# -- the manifest side: offline, in process ----------------------------------------------------
+
+
+def test_file_values_become_content_tokens_in_yaml_csv_cells_and_rows_files(tmp_path: Path) -> None:
+    from batchrunner import load_plan
+    from batchrunner.errors import ManifestError
+
+    made = photos(tmp_path, red=(255, 0, 0), blue=BLUE)
+    (tmp_path / "jobs.csv").write_text("model,prompt,image_url\nkling-video-turbo,a,file:photos/red.png\n")
+    (tmp_path / "rows.csv").write_text("name,photo\nb,file:photos/blue.png\n")
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "name: m\nrows: rows.csv\njobs_csv: jobs.csv\njobs:\n"
+        '  - model: kling-video-turbo\n    prompt: "{name}"\n    input: {image_url: "{photo}"}\n'
+        '  - model: kling-video-turbo\n    prompt: list\n    imageURLList: ["file:photos/red.png", "file:photos/blue.png"]\n'
+    )
+    plan = load_plan(path)
+    red, blue = f"{TOKEN_PREFIX}{sha(made['red'])}.png", f"{TOKEN_PREFIX}{sha(made['blue'])}.png"
+    assert set(plan.inputs) == {red, blue}
+    bodies = [json.dumps(s.body) for s in plan.specs]
+    assert sum(red in b for b in bodies) == 2 and sum(blue in b for b in bodies) == 2
+    assert not any("file:" in b for b in bodies)
+    assert plan.input_at is not None and plan.input_at[1] is not None
+    # the id is the token's: the same content under another name keeps it; new content changes it
+    ids = [s.id for s in plan.specs]
+    (tmp_path / "photos" / "red.png").rename(tmp_path / "photos" / "red2.png")
+    (tmp_path / "jobs.csv").write_text("model,prompt,image_url\nkling-video-turbo,a,file:photos/red2.png\n")
+    (tmp_path / "photos" / "red.png").write_bytes(made["red"])
+    assert [s.id for s in load_plan(path).specs] == ids
+    photos(tmp_path, blue=GREEN)
+    changed = [s.id for s in load_plan(path).specs]
+    only_red = [i for i, b in enumerate(bodies) if blue not in b]
+    assert len(only_red) == 1
+    assert [c == i for c, i in zip(changed, ids, strict=True)] == [n in only_red for n in range(len(ids))]
+    # rows: {files: …} — one row per file, vars file and stem (the same content twice would be paid twice: refused)
+    with pytest.raises(ManifestError, match="sends the same request"):
+        path.write_text('name: m\nrows: {files: "photos/*.png"}\njobs:\n  - model: recraft-remove-bg\n    input: {image_url: "{file}"}\n')
+        load_plan(path)
+    (tmp_path / "photos" / "red2.png").unlink()
+    path.write_text(
+        'name: m\nrows: {files: "photos/*.png"}\njobs:\n  - model: recraft-remove-bg\n    input: {image_url: "{file}"}\n'
+        '    path: "{stem}.{ext}"\n'
+    )
+    assert sorted(s.path for s in load_plan(path).specs) == ["blue.{ext}", "red.{ext}"]
+    path.write_text('name: m\nrows: {files: "nothing/*.png"}\njobs:\n  - model: recraft-remove-bg\n    input: {image_url: "{file}"}\n')
+    with pytest.raises(ManifestError, match=r"m\.yaml:2: rows.files: no file matches"):
+        load_plan(path)
+
+
+def test_the_storage_block_is_checked_and_never_holds_credentials(tmp_path: Path) -> None:
+    from batchrunner import load_plan
+    from batchrunner._api import resolve_config
+    from batchrunner.errors import ManifestError
+
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        "name: m\nstorage:\n  url: s3://b/p\n  url_lifetime: soon\n  keep_local: maybe\n  secret_access_key: x\n"
+        "jobs:\n  - model: flux-2\n    prompt: p\n"
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_plan(path)
+    text = str(caught.value)
+    assert "m.yaml:4: storage.url_lifetime" in text and "m.yaml:5: storage.keep_local" in text
+    assert "m.yaml:6: storage.secret_access_key: credentials never go in a manifest" in text
+    path.write_text("name: m\nstorage: {url: s3://b/p, url_lifetime: 30m, keep_local: false}\njobs:\n  - model: flux-2\n    prompt: p\n")
+    plan = load_plan(path)
+    config = resolve_config(plan, env={"BATCHRUNNER_STORAGE": "s3://env/x"})
+    assert (config.storage_url, config.url_lifetime_s, config.keep_local) == ("s3://b/p", 1800.0, False)
+    assert resolve_config(plan, storage="s3://flag/y", env={}).storage_url == "s3://flag/y"
+    path.write_text("name: m\njobs:\n  - model: flux-2\n    prompt: p\n")
+    assert resolve_config(load_plan(path), env={"BATCHRUNNER_STORAGE": "s3://env/x"}).storage_url == "s3://env/x"
