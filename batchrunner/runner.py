@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -411,7 +412,7 @@ class Runner:
             if self.stop_reason is not None:
                 return False
             await self.pacer.generate_slot()
-            body = await self._body(job)  # signed again at every submit: never a stale URL
+            body, signed = await self._body(job)  # signed again at every submit: never a stale URL
             self.store.transition(job, JobState.SUBMITTING, sends=1)  # counted before the POST, committed with it
             try:
                 await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
@@ -423,7 +424,7 @@ class Runner:
             with anyio.CancelScope(shield=True) as shield:
                 self._shields.add(shield)
                 try:
-                    task_id = await self.client.generate(body)
+                    task_id = await self._generate(body, signed)
                 except RateLimited as exc:
                     self.store.transition(job, JobState.PENDING, event=exc.message)
                     self.on_event("rate_limited", job, exc.message)
@@ -480,15 +481,26 @@ class Runner:
                 return job.state == JobState.SUBMITTED
             await self.sleep(delay)
 
-    async def _body(self, job: Job) -> dict[str, Any]:
-        """The body to send: each local input's token replaced by a freshly presigned URL (the state keeps the tokens)."""
+    async def _generate(self, body: dict[str, Any], signed: dict[str, str]) -> str:
+        """``client.generate``; an error that quotes a presigned URL quotes its token instead (never a signature in the state)."""
+        try:
+            return await self.client.generate(body)
+        except BatchRunnerError as exc:
+            text = exc.message
+            for name, url in signed.items():
+                text = re.sub(re.escape(url.split("?", 1)[0]) + r"(\?[^\s\"'<>]*)?", name, text)
+            exc.args = (text,)
+            raise
+
+    async def _body(self, job: Job) -> tuple[dict[str, Any], dict[str, str]]:
+        """The body to send, each local input's token replaced by a freshly presigned URL (the state keeps the tokens); the URLs."""
         names = tokens(job.body)
         if not names:
-            return job.body
+            return job.body, {}
         if self.inputs is None:
             raise StorageError("this job sends local files (file: inputs) but no storage is configured — pass --storage s3://bucket/prefix")
         urls = {name: await self.inputs.storage.presign(self._input_key(name), self.inputs.lifetime_s) for name in names}
-        return dict(resolve(job.body, urls))
+        return dict(resolve(job.body, urls)), urls
 
     def _input_key(self, name: str) -> str:
         assert self.inputs is not None

@@ -419,3 +419,32 @@ def test_the_storage_block_is_checked_and_never_holds_credentials(tmp_path: Path
     assert resolve_config(plan, storage="s3://flag/y", env={}).storage_url == "s3://flag/y"
     path.write_text("name: m\njobs:\n  - model: flux-2\n    prompt: p\n")
     assert resolve_config(load_plan(path), env={"BATCHRUNNER_STORAGE": "s3://env/x"}).storage_url == "s3://env/x"
+
+
+async def test_an_api_error_quoting_a_presigned_url_is_stored_with_the_token_instead(tmp_path: Path) -> None:
+    """The real API may echo what it could not fetch: the signature never reaches the state, a report or an event."""
+    from batchrunner import load_plan
+    from batchrunner.client import Client
+    from batchrunner.errors import PermanentApiError
+    from batchrunner.runner import RunConfig, run_campaign
+    from batchrunner.sandbox import SandboxConfig, serve
+
+    class Echoing(Client):
+        async def generate(self, body: dict[str, Any]) -> str:
+            raise PermanentApiError(f"input.image_url: {body['input']['image_url']} could not be fetched")
+
+    made = photos(tmp_path, red=(255, 0, 0))
+    out = tmp_path / "out"
+    heard: list[str] = []
+    async with serve(SandboxConfig(api_key="k-sandbox")) as (_, url), Echoing(api_key="k-sandbox", base_url=url) as client:
+        result = await run_campaign(
+            load_plan(manifest(tmp_path)), RunConfig(out_dir=out, loopback_inputs=True), client=client,
+            on_event=lambda kind, job, detail: heard.append(detail),
+        )  # fmt: skip
+    assert result.counts == {"failed": 1}
+    report = json.loads((out / "report.json").read_text())
+    assert f"{TOKEN_PREFIX}{sha(made['red'])}.png could not be fetched" in report["jobs"][0]["error"]
+    assert not any("sig=" in h for h in heard)
+    for item in out.rglob("*"):
+        if item.is_file():
+            assert b"sig=" not in item.read_bytes() and b"expires=" not in item.read_bytes(), item
