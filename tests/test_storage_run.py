@@ -448,3 +448,28 @@ async def test_an_api_error_quoting_a_presigned_url_is_stored_with_the_token_ins
     for item in out.rglob("*"):
         if item.is_file():
             assert b"sig=" not in item.read_bytes() and b"expires=" not in item.read_bytes(), item
+
+
+def test_a_store_that_refuses_one_result_fails_that_job_only_and_the_next_run_stores_it(tmp_path: Path) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text('name: two\npath: "{name}/x.{ext}"\nmatrix: {name: [a, b]}\njobs:\n  - model: flux-2\n    prompt: "{name} on white"\n')
+    kept, out = tmp_path / "kept", tmp_path / "out"
+    kept.mkdir()
+    (kept / "a").write_text("a file where the result's folder must go")
+    first = cli("run", str(path), "--out", str(out), "--sandbox", "--storage", str(kept))
+    assert first.returncode == 1, first.stderr + first.stdout
+    assert "Traceback" not in first.stderr
+    report = json.loads((out / "report.json").read_text())
+    jobs = {j["path"] or j["intended_path"]: j for j in report["jobs"]}
+    assert report["summary"]["counts"] == {"done": 1, "failed": 1}
+    failed = next(j for j in report["jobs"] if j["state"] == "failed")
+    assert "a/" in str(failed["intended_path"]) and failed["error"], failed
+    assert (kept / "b" / "x.png").read_bytes() == (out / "b" / "x.png").read_bytes()
+    assert (kept / "b" / "x.png.json").is_file()
+    (kept / "a").unlink()
+    second = cli("run", str(path), "--out", str(out), "--sandbox", "--storage", str(kept))
+    assert second.returncode == 0, second.stderr + second.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["counts"] == {"done": 2}
+    assert report["summary"]["requests"]["sent"] == 2, jobs  # fetched again, never paid again
+    assert (kept / "a" / "x.png").read_bytes() == (out / "a" / "x.png").read_bytes()
