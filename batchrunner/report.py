@@ -415,16 +415,16 @@ class Gallery:
             f"<p class=counts>{summary['jobs']} jobs: {counts}</p>",
             f"<p>credits spent {credits['spent']:g}{planned} · submits {summary['submits']}"
             f" · ambiguous resubmits {summary['ambiguous_resubmitted']} · models: {_e(', '.join(summary['models']))}</p>",
-            f"<p class=reviewed>review: {review} (of {sum(self.reviews.values())} results)</p>",
-            *(
-                [
-                    f"<p class=links>results are kept in the bucket only; their links expire {_e(_when(self.links_expire_at))} — "
-                    "run the same command again for fresh ones</p>"
-                ]
-                if self.links
-                else []
-            ),
-            "</header>",
+            f"<p class=reviewed>review: {review} (of {sum(self.reviews.values())} results)</p></header>",
+        ]
+
+    def _links_note(self) -> list[str]:
+        """For results kept only in the bucket: when the gallery's presigned links expire."""
+        if not self.links:
+            return []
+        return [
+            f"<p class=links>results are kept in the bucket only; their links expire {_e(_when(self.links_expire_at))} — "
+            "run the same command again for fresh ones</p>"
         ]
 
     def _run_number(self) -> str:
@@ -466,6 +466,7 @@ class Gallery:
             f"<title>{title} — {'review' if self.review_token is not None else 'report'}</title>{token}",
             f"<style>{CSS}</style></head><body>",
             *self._header(),
+            *self._links_note(),
             self._filter_bar(),
             "<main>",
         ]
