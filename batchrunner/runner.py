@@ -22,13 +22,14 @@ and a ``tick`` event says once a second what the run is waiting for.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -657,6 +658,7 @@ async def run_campaign(
             store.claim(plan.manifest.name, force=config.force)
             store.set_meta("group_var", plan.group_var or "")
             resuming = bool(store.sync(plan.specs).known)
+        config = _storage_settings(config, store, rerun=plan is None)
     except StateError:
         store.close()
         raise
@@ -727,6 +729,28 @@ async def run_campaign(
             store.close()
     counts = dict(summary["counts"])
     return RunResult(outcome, counts, summary, error, start=start, tally=tally(start, counts, summary["ambiguous_resubmitted"]))
+
+
+STORAGE_META = "storage"  # the storage a run used, so `retry DIR` (no manifest) keeps its results where they are
+
+
+def _storage_settings(config: RunConfig, store: Store, *, rerun: bool) -> RunConfig:
+    """Remember the run's storage in the state; a rerun without a manifest or --storage uses the one remembered."""
+    if config.storage_url is not None:
+        kept = {"url": config.storage_url, "endpoint": config.storage_endpoint, "keep_local": config.keep_local}
+        store.set_meta(STORAGE_META, json.dumps(kept | {"url_lifetime_s": config.url_lifetime_s}))
+        return config
+    remembered = store.meta(STORAGE_META) if rerun else None
+    if not remembered:
+        return config
+    kept = json.loads(remembered)
+    return replace(
+        config,
+        storage_url=kept["url"],
+        storage_endpoint=kept["endpoint"],
+        keep_local=kept["keep_local"],
+        url_lifetime_s=kept["url_lifetime_s"],
+    )
 
 
 INPUTS_PREFIX = ".batchrunner/inputs"  # where file: inputs go in the bucket (a hidden name: never a result's path)

@@ -369,7 +369,8 @@ class Store:
             conn.executemany(_EVENT, ((self.run_id, i, now, "ambiguous", why) for i in ids))
             files: dict[str, set[str]] = {}  # folder -> the files in it: one directory read per folder, not a stat per job
             missing = []
-            for job_id, path in conn.execute("SELECT id, path FROM jobs WHERE state = 'done' AND in_manifest = 1"):
+            kept = "" if remote is not None else " AND stored_at IS NULL"  # a result stored in the bucket is never paid for again
+            for job_id, path in conn.execute(f"SELECT id, path FROM jobs WHERE state = 'done' AND in_manifest = 1{kept}"):
                 folder, _, name = path.rpartition("/")
                 if folder not in files:
                     try:

@@ -268,6 +268,10 @@ def test_no_local_copies_results_live_in_the_bucket_and_the_gallery_links_them(s
         assert again.returncode == 0, again.stderr
         assert "skipped 2 already done" in again.stdout, again.stdout
         assert len(tasks(url)) == 2
+        # `retry DIR` has no manifest and no --storage: the state remembers where the results are, nothing is paid again
+        retried = cli("retry", str(out), *FAST, env=env_for(url, s3))
+        assert retried.returncode == 0, retried.stderr + retried.stdout
+        assert len(tasks(url)) == 2 and not list(out.glob("*/*.mp4"))
     for item in out.rglob("*"):
         if item.is_file() and item.name != "report.html":  # the gallery's links are the presigned URLs of results, by design
             assert b"X-Amz-Signature" not in item.read_bytes(), item
