@@ -181,8 +181,8 @@ def preview(
     force: bool = False,
     retry_failed: bool = False,
     storage: str | None = None,
-    sandbox: bool = False,
     env: Mapping[str, str] | None = None,
+    sandbox: bool = False,
 ) -> Preview:
     """What :func:`run` with the same arguments would do — jobs skipped, polled, submitted, their credits — or what it would refuse.
 
@@ -193,9 +193,7 @@ def preview(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
         force=force, retry_failed=retry_failed, storage=storage, env=env,
     )  # fmt: skip
-    if sandbox and config.storage_url is None:
-        config = replace(config, loopback_inputs=True)
-    return _preview(plan, config)
+    return _preview(plan, replace(config, backend="sandbox") if sandbox else config)
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -236,9 +234,8 @@ async def run_async(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
         poll_scale=poll_scale, force=force, retry_failed=retry_failed, storage=storage, env=env,
     )  # fmt: skip
-    if sb is not None and config.storage_url is None:  # file: inputs served from the output folder, over loopback
-        config = replace(config, loopback_inputs=True)
     if sb is not None:
+        config = replace(config, backend="sandbox")
         from .sandbox import serve
 
         if sb.tasks_file is None:  # the sandbox keeps its tasks beside the state, so a resumed run finds the tasks it submitted

@@ -673,10 +673,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="as run --force: count an output directory of another campaign as adopted (default: off)"
     )
+    p.add_argument("--sandbox", action="store_true", help="as run --sandbox: the dry run of a run on the embedded sandbox (default: off)")
     common(p)
     budget(p)
     storage(p)
-    p.add_argument("--sandbox", action="store_true", help="count as `run --sandbox` would: file: inputs need no storage (default: off)")
     p.set_defaults(func=cmd_plan)
 
     p = command("status", "counts per state and failures of an output directory", "batchrunner status out/demo")

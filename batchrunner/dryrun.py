@@ -206,7 +206,7 @@ def _check_storage(plan: Plan | None, config: RunConfig) -> None:
     """Refuse (as bad input) ``file:`` inputs with nowhere to upload them, and no local copies with nowhere else to keep results."""
     if plan is None:
         return
-    if plan.input_at is not None and config.storage_url is None and not config.loopback_inputs:
+    if plan.input_at is not None and config.storage_url is None and config.backend != "sandbox":
         file, line = plan.input_at
         raise ManifestError(
             [

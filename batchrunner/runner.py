@@ -89,13 +89,13 @@ class RunConfig:
     max_unrecognised: int = 10  # answers that are neither documented state before the job fails
     stop_grace_s: float = 5.0  # how long a stop waits for generate requests in flight to be answered
     tick_s: float = 1.0  # how often the ``tick`` event reports what the run is waiting for
-    force: bool = False
-    retry_failed: bool = False
     storage_url: str | None = None  # s3://bucket/prefix (gs://, az://): inputs uploaded there, results kept there too
     storage_endpoint: str | None = None  # an S3-compatible service's URL (default: $AWS_ENDPOINT_URL)
     url_lifetime_s: float = 3600.0  # how long a presigned input URL stays valid
-    keep_local: bool = True  # False: results live only in the bucket
-    loopback_inputs: bool = False  # no storage_url: serve file: inputs from the output folder on 127.0.0.1 (the embedded sandbox)
+    keep_local: bool = True  # False: results live only in the bucket; no storage_url on the sandbox: inputs served on loopback
+    force: bool = False
+    retry_failed: bool = False
+    backend: str = "api"  # "sandbox" for the embedded sandbox: a folder's results are never mixed across the two
 
 
 @dataclass(slots=True)
@@ -765,7 +765,7 @@ async def _storages(
         await storage.check()
         listing = await storage.list("")
         return Inputs(storage, lifetime_s=config.url_lifetime_s, prefix=INPUTS_PREFIX), storage, complete(listing)
-    if config.loopback_inputs and (plan is None or plan.inputs):
+    if config.backend == "sandbox" and (plan is None or plan.inputs):  # no cloud: inputs served from the output folder on loopback
         loopback = await stack.enter_async_context(LoopbackStorage(config.out_dir / ".batchrunner" / "inputs"))
         return Inputs(loopback, lifetime_s=config.url_lifetime_s, prefix=""), None, None
     return None, None, None

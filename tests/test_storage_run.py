@@ -442,7 +442,7 @@ async def test_an_api_error_quoting_a_presigned_url_is_stored_with_the_token_ins
     heard: list[str] = []
     async with serve(SandboxConfig(api_key="k-sandbox")) as (_, url), Echoing(api_key="k-sandbox", base_url=url) as client:
         result = await run_campaign(
-            load_plan(manifest(tmp_path)), RunConfig(out_dir=out, loopback_inputs=True), client=client,
+            load_plan(manifest(tmp_path)), RunConfig(out_dir=out, backend="sandbox"), client=client,
             on_event=lambda kind, job, detail: heard.append(detail),
         )  # fmt: skip
     assert result.counts == {"failed": 1}
