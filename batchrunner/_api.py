@@ -10,6 +10,7 @@ output folder   ``out`` (--out)          output       —                       
 concurrency     ``concurrency``          concurrency  BATCHRUNNER_CONCURRENCY     4
 rate            ``rate_per_s`` (--rate)  rate         BATCHRUNNER_RATE            no limit
 credit cap      ``max_credits``          max_credits  BATCHRUNNER_MAX_CREDITS     no cap
+storage         ``storage`` (--storage)  storage.url  BATCHRUNNER_STORAGE         none (``--sandbox``: loopback)
 catalog         ``catalog``              —            BATCHRUNNER_CATALOG         the shipped one
 API key         ``api_key``              —            CLIPRISE_API_KEY            — (required)
 base URL        ``base_url``             —            CLIPRISE_BASE_URL           the real host
@@ -52,6 +53,7 @@ ENV_CATALOG = "BATCHRUNNER_CATALOG"
 ENV_CONCURRENCY = "BATCHRUNNER_CONCURRENCY"
 ENV_RATE = "BATCHRUNNER_RATE"
 ENV_MAX_CREDITS = "BATCHRUNNER_MAX_CREDITS"
+ENV_STORAGE = "BATCHRUNNER_STORAGE"
 ENV_API_KEY = "CLIPRISE_API_KEY"
 ENV_BASE_URL = "CLIPRISE_BASE_URL"
 StartHandler = Callable[[Preview], None]
@@ -98,6 +100,7 @@ def resolve_config(
     poll_scale: float | None = None,
     force: bool = False,
     retry_failed: bool = False,
+    storage: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> RunConfig:
     """The frozen :class:`RunConfig` of a run: each setting from the keyword, else the manifest, else the environment, else the default.
@@ -140,6 +143,14 @@ def resolve_config(
         force=force,
         retry_failed=retry_failed,
     )
+    kept = manifest.storage if manifest is not None else None
+    config = replace(
+        config,
+        storage_url=pick(storage or None, kept and kept.url, env.get(ENV_STORAGE) or None, None),
+        storage_endpoint=kept.endpoint if kept else None,
+        url_lifetime_s=kept.url_lifetime_s if kept and kept.url_lifetime_s else config.url_lifetime_s,
+        keep_local=kept.keep_local if kept and kept.keep_local is not None else True,
+    )
     if poll_scale is not None:
         try:
             config = replace(config, expected_s=scale_expected(poll_scale))
@@ -169,6 +180,7 @@ def preview(
     max_credits: float | None = None,
     force: bool = False,
     retry_failed: bool = False,
+    storage: str | None = None,
     env: Mapping[str, str] | None = None,
     sandbox: bool = False,
 ) -> Preview:
@@ -179,7 +191,7 @@ def preview(
     """
     config = resolve_config(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
-        force=force, retry_failed=retry_failed, env=env,
+        force=force, retry_failed=retry_failed, storage=storage, env=env,
     )  # fmt: skip
     return _preview(plan, replace(config, backend="sandbox") if sandbox else config)
 
@@ -199,6 +211,7 @@ async def run_async(
     poll_scale: float | None = None,
     force: bool = False,
     retry_failed: bool = False,
+    storage: str | None = None,
     on_start: StartHandler | None = None,
     on_event: EventHandler | None = None,
     env: Mapping[str, str] | None = None,
@@ -219,7 +232,7 @@ async def run_async(
             poll_scale = sb.time_scale
     config = resolve_config(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
-        poll_scale=poll_scale, force=force, retry_failed=retry_failed, env=env,
+        poll_scale=poll_scale, force=force, retry_failed=retry_failed, storage=storage, env=env,
     )  # fmt: skip
     if sb is not None:
         config = replace(config, backend="sandbox")
@@ -255,6 +268,7 @@ def run(
     poll_scale: float | None = None,
     force: bool = False,
     retry_failed: bool = False,
+    storage: str | None = None,
     on_start: StartHandler | None = None,
     on_event: EventHandler | None = None,
     env: Mapping[str, str] | None = None,
@@ -282,7 +296,7 @@ def run(
         partial(
             run_async, plan, out=out, sandbox=sandbox, api_key=api_key, base_url=base_url, client=client, concurrency=concurrency,
             rate_per_s=rate_per_s, max_credits=max_credits, poll_scale=poll_scale, force=force, retry_failed=retry_failed,
-            on_start=on_start, on_event=on_event, env=env,
+            storage=storage, on_start=on_start, on_event=on_event, env=env,
         )
     )  # fmt: skip
 

@@ -23,7 +23,7 @@ import anyio
 
 from . import __version__, _api
 from .dryrun import Preview
-from .errors import BatchRunnerError, ManifestError, StateError, StateWriteError
+from .errors import BatchRunnerError, ManifestError, StateError, StateWriteError, StorageUnavailable
 from .expand import Plan
 from .runner import Interrupt, RunResult, scale_expected
 from .store import Job, Store
@@ -59,6 +59,7 @@ def _settings(args: argparse.Namespace, retry: bool) -> dict[str, Any]:
         "max_credits": args.max_credits,
         "force": getattr(args, "force", False),
         "retry_failed": retry,
+        "storage": getattr(args, "storage", None),
     }
 
 
@@ -469,6 +470,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         fault_prompt=args.fault_prompt, revoke_key_after=args.revoke_key_after,
         tasks_file=Path(args.tasks_file) if args.tasks_file else None, forget_tasks=args.forget_tasks,
         rate_limit_per_s=args.rate_limit, shape=args.shape, credits=args.credits,
+        video_min_bytes=args.video_min_bytes, chunked_media=args.chunked_media,
     )  # fmt: skip
 
     async def serve_forever() -> None:
@@ -605,7 +607,15 @@ def _parser() -> argparse.ArgumentParser:
             "(default: the manifest's max_credits, else $BATCHRUNNER_MAX_CREDITS, else no cap)",
         )  # fmt: skip
 
+    def storage(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--storage", metavar="URL",
+            help="object storage for file: inputs and a copy of every result, e.g. s3://bucket/prefix; credentials from AWS_* "
+            "variables (default: the manifest's storage.url, else $BATCHRUNNER_STORAGE, else none)",
+        )  # fmt: skip
+
     def running(p: argparse.ArgumentParser) -> None:
+        storage(p)
         p.add_argument(
             "--sandbox", action="store_true",
             help="run against the embedded sandbox: no API key, nothing charged (default: off: the real API, key from $CLIPRISE_API_KEY)",
@@ -666,6 +676,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox", action="store_true", help="as run --sandbox: the dry run of a run on the embedded sandbox (default: off)")
     common(p)
     budget(p)
+    storage(p)
     p.set_defaults(func=cmd_plan)
 
     p = command("status", "counts per state and failures of an output directory", "batchrunner status out/demo")
@@ -760,6 +771,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=float, default=None, help="generate requests per second before 429 (default: no limit)")
     p.add_argument("--shape", choices=("array", "object", "mixed"), default="array", help="answers as [{…}] or {…} (default %(default)s)")
     p.add_argument("--credits", type=float, default=None, help="account balance, 402 when spent (default: unlimited)")
+    p.add_argument(
+        "--video-min-bytes", type=int, default=0, metavar="N",
+        help="pad video results to at least N bytes; > 1 MiB exercises streamed downloads (default %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chunked-media", action="store_true", help="send results without Content-Length (chunked), as some CDNs do (default: off)"
+    )
     p.set_defaults(func=cmd_sandbox)
 
     p = command(
@@ -807,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
         print(f"{len(exc.problems)} problem(s); nothing was sent.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StorageUnavailable as exc:  # checked before anything is sent: the bucket cannot be reached or refuses us
+        print(f"error: {exc.message}; nothing was sent", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StateWriteError as exc:  # the state failed during a run: not bad input, requests may have been sent
         print(f"error: {exc.message}", file=sys.stderr)

@@ -187,6 +187,7 @@ def started(
 def _usable(plan: Plan | None, config: RunConfig, *, jobs: bool) -> Snapshot | None:
     """The output folder's state, or the :class:`StateError` a run stops at: not creatable, nothing to retry, locked, another campaign's."""
     out = config.out_dir
+    _check_storage(plan, config)
     _check_creatable(out / STATE_DIR)
     snap = snapshot(out, jobs=jobs)
     if snap is None and plan is None:
@@ -201,6 +202,36 @@ def _usable(plan: Plan | None, config: RunConfig, *, jobs: bool) -> Snapshot | N
     if snap is not None and snap.backend not in (None, config.backend) and not config.force:
         raise StateError(backend_mismatch(out, snap.backend, config.backend))
     return snap
+
+
+def _check_storage(plan: Plan | None, config: RunConfig) -> None:
+    """Refuse (as bad input) ``file:`` inputs with nowhere to upload them, and no local copies with nowhere else to keep results."""
+    if plan is None:
+        return
+    if plan.input_at is not None and config.storage_url is None and config.backend != "sandbox":
+        file, line = plan.input_at
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    line,
+                    "file: inputs need object storage the API can fetch them from: add 'storage: {url: s3://bucket/prefix}' to the "
+                    "manifest, pass --storage s3://bucket/prefix, or set BATCHRUNNER_STORAGE (credentials from AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY); --sandbox serves them itself",
+                )
+            ]
+        )
+    if not config.keep_local and config.storage_url is None:
+        kept = plan.manifest.storage
+        raise ManifestError(
+            [
+                Problem(
+                    plan.manifest.file,
+                    kept.line if kept else None,
+                    "storage.keep_local: false needs storage.url (or --storage): results must be kept somewhere",
+                )
+            ]
+        )
 
 
 def _check_budget(plan: Plan, max_credits: float | None, start: Preview, unknown: set[str]) -> None:

@@ -16,6 +16,11 @@ file system, a file where another needs a folder) and the file system's limits, 
 ``callBackUrl``, as JSON with sorted keys and no spaces. It depends on what is sent and on
 nothing else — not the job's position, the manifest's name, its output path or its vars
 — so a re-run recognises every unchanged job wherever it moved in the manifest.
+
+A local input (``image_url: "file:photos/a.jpg"``) is hashed as its token
+``batchrunner-input:<sha256 of the file>.<ext>``, never as the presigned URL sent in its
+place (that URL is signed anew at every submit): a re-run with the same files keeps every
+id, a replaced photo makes new jobs, and bodies without ``file:`` keep the ids they had.
 """
 
 from __future__ import annotations
@@ -24,20 +29,24 @@ import difflib
 import hashlib
 import itertools
 import json
+import os
 import re
 import string
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .catalog import STRINGIFIED, Catalog, Model, build_body, check_fields
-from .errors import ManifestError, Problem
+from .errors import InputError, ManifestError, Problem
+from .inputs import InputFile, inspect, token
 from .manifest import JobDef, LineDict, Manifest
 
 DEFAULT_PATH = "{job_id}.{ext}"
 EXT = "{ext}"  # kept in a spec's path until the downloaded file's real type is known
 _DOT_EXT = "." + EXT
+FILE_PREFIX = "file:"  # a string value naming a local file to send (relative to the manifest's folder)
 SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext")
 
 # Bounds (the README lists them). A prompt far longer than any model reads, or a body that
@@ -86,6 +95,8 @@ class Plan:
     manifest: Manifest
     specs: list[JobSpec]
     warnings: list[str] = field(default_factory=list)
+    inputs: dict[str, InputFile] = field(default_factory=dict)  # token → local file, for every file: value
+    input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value (what a run without storage cites)
 
     @property
     def group_var(self) -> str | None:
@@ -349,6 +360,47 @@ class _Expansion:
         self.models: dict[str, Model | None] = {}
         self.checked_fields: set[tuple[str, str]] = set()
         self.top_combos: dict[tuple[bool, tuple[str, ...]], list[dict[str, Any]]] = {}
+        self.base = Path(manifest.file).parent
+        self.inspected: dict[str, tuple[tuple[int, int] | None, InputFile | InputError]] = {}
+        self.inputs: dict[str, InputFile] = {}  # token → file, every local input of the plan
+        self.input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value
+
+    def local_inputs(self, value: Any, file: str, line: int | None, where: str) -> Any:
+        """``value`` with each ``file:PATH`` string replaced by the file's token (:func:`inputs.token`); a bad file is a problem."""
+        if isinstance(value, dict):
+            return {k: self.local_inputs(v, file, line, where) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.local_inputs(v, file, line, where) for v in value]
+        if not isinstance(value, str) or not value.startswith(FILE_PREFIX):
+            return value
+        if self.input_at is None:
+            self.input_at = (file, line)
+        found = self.inspect(value[len(FILE_PREFIX) :])
+        if isinstance(found, InputError):
+            self.problem(file, line, f"{where}: {found.message}")
+            return value
+        name = token(found)
+        self.inputs.setdefault(name, found)
+        return name
+
+    def inspect(self, name: str) -> InputFile | InputError:
+        """:func:`inputs.inspect`, once per file (path, size, mtime) within one expansion."""
+        path = self.base / name.strip()
+        key = str(path)
+        try:
+            st = os.stat(path)
+            stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        hit = self.inspected.get(key)
+        if hit is not None and hit[0] == stamp and stamp is not None:
+            return hit[1]
+        try:
+            found: InputFile | InputError = inspect(path)
+        except InputError as exc:
+            found = exc
+        self.inspected[key] = (stamp, found)
+        return found
 
     def problem(self, file: str, line: int | None, message: str) -> None:
         if len(self.problems) < MAX_PROBLEMS:
@@ -482,6 +534,12 @@ class _Expansion:
                             stringified[key] = [value] if isinstance(value, str) and key != "options" else value
                     key = "callback_url"
                     cb = templates.render(callback, env) if callback else None
+                    if FILE_PREFIX in repr((inputs, stringified)):
+                        inputs = {
+                            k: v if k == "prompt" else self.local_inputs(v, file, fields.line_of("input"), f"{where}.input.{k}")
+                            for k, v in inputs.items()
+                        }
+                        stringified = {k: self.local_inputs(v, file, fields.line_of(k), f"{where}.{k}") for k, v in stringified.items()}
                 except _Missing as missing:
                     defined = ", ".join(sorted(env)) or "none"
                     self.problem(
@@ -678,4 +736,4 @@ def expand(
             expansion.expand_job(job)
     if expansion.problems:
         raise ManifestError(list(expansion.problems.values()), list(expansion.warnings))
-    return Plan(manifest, expansion.specs, list(expansion.warnings))
+    return Plan(manifest, expansion.specs, list(expansion.warnings), expansion.inputs, expansion.input_at)

@@ -34,7 +34,7 @@ from .errors import ManifestError, Problem
 
 TOP_KEYS = (
     "version", "name", "output", "path", "concurrency", "rate", "max_credits", "max_jobs", "callback_url",
-    "credits", "vars", "matrix", "rows", "defaults", "jobs", "jobs_csv",
+    "credits", "vars", "matrix", "rows", "defaults", "jobs", "jobs_csv", "storage",
 )  # fmt: skip
 JOB_KEYS = ("model", "prompt", "input", "options", "imageURLList", "videoURLList", "vars", "matrix", "variants", "path", "callback_url")
 CSV_FIXED = ("model", "prompt", "variants", "path")
@@ -246,6 +246,80 @@ class JobDef:
     file: str
 
 
+STORAGE_KEYS = ("url", "endpoint", "url_lifetime", "keep_local")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)?")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageDef:
+    """The manifest's ``storage:`` mapping; None where it does not say (the run resolves flag > manifest > environment)."""
+
+    url: str | None = None
+    endpoint: str | None = None
+    url_lifetime_s: float | None = None
+    keep_local: bool | None = None
+    line: int = 0
+
+
+def duration_s(value: Any) -> float | None:
+    """Seconds from ``3600``, ``"90s"``, ``"30m"``, ``"1h"`` or ``"2d"``; None if it is none of these."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if value > 0 else None
+    match = _DURATION.fullmatch(str(value).strip())
+    if match is None or float(match[1]) <= 0:
+        return None
+    return float(match[1]) * _UNIT_S[match[2] or "s"]
+
+
+def _storage(value: Any, file: str, line: int, problems: list[Problem]) -> StorageDef | None:
+    if value is None:
+        return None
+    if not isinstance(value, LineDict):
+        problems.append(
+            Problem(file, line, "storage: must be a mapping (url: s3://bucket/prefix, endpoint:, url_lifetime: 1h, keep_local: true)")
+        )
+        return None
+    for key in value:
+        if key not in STORAGE_KEYS:
+            problems.append(Problem(file, value.line_of(key), f"storage.{key}: unknown key{did_you_mean(key, STORAGE_KEYS)}"))
+    url, endpoint = value.get("url"), value.get("endpoint")
+    if url is not None and (not isinstance(url, str) or not url.strip()):
+        problems.append(Problem(file, value.line_of("url"), f"storage.url: must be a URL such as s3://bucket/prefix, not {short(url)}"))
+        url = None
+    if endpoint is not None and (not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://"))):
+        problems.append(Problem(file, value.line_of("endpoint"), f"storage.endpoint: must be an http(s) URL, not {short(endpoint)}"))
+        endpoint = None
+    lifetime = None
+    if "url_lifetime" in value:
+        lifetime = duration_s(value["url_lifetime"])
+        if lifetime is None or lifetime > 7 * 86400:
+            problems.append(
+                Problem(
+                    file,
+                    value.line_of("url_lifetime"),
+                    f"storage.url_lifetime: must be a duration such as 1h, 30m or 2d (at most 7d), not {short(value['url_lifetime'])}",
+                )
+            )
+            lifetime = None
+    keep_local = value.get("keep_local")
+    if keep_local is not None and not isinstance(keep_local, bool):
+        problems.append(Problem(file, value.line_of("keep_local"), f"storage.keep_local: must be true or false, not {short(keep_local)}"))
+        keep_local = None
+    if credential := next((k for k in value if "secret" in str(k).lower() or "key" in str(k).lower()), None):
+        problems.append(
+            Problem(
+                file,
+                value.line_of(credential),
+                f"storage.{credential}: credentials never go in a manifest: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                "(or your cloud's variables) in the environment",
+            )
+        )
+    return StorageDef(url=url, endpoint=endpoint, url_lifetime_s=lifetime, keep_local=keep_local, line=line)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
     """A loaded manifest. Run settings are None where the manifest does not set them."""
@@ -259,6 +333,7 @@ class Manifest:
     max_credits: float | None = None
     max_jobs: int | None = None
     callback_url: str | None = None
+    storage: StorageDef | None = None
     credits: dict[str, float] = field(default_factory=dict)
     vars: dict[str, Any] = field(default_factory=dict)
     matrix: dict[str, list[Any]] = field(default_factory=dict)
@@ -506,6 +581,7 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
     variables = typed("vars", dict, "a mapping of names to values") or {}
     matrix = _matrix(doc.get("matrix"), name, where("matrix"), "matrix", problems)
     rows = _rows(doc.get("rows"), path, where("rows"), problems)
+    storage = _storage(doc.get("storage"), name, where("storage"), problems)
     defaults = typed("defaults", dict, "a mapping of job fields") or LineDict()
     _check_job_keys(defaults, name, "defaults", problems)
     jobs: list[JobDef] = []
@@ -541,6 +617,7 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
         max_credits=float(max_credits) if max_credits is not None else None,
         max_jobs=max_jobs,
         callback_url=callback,
+        storage=storage,
         credits={str(k): float(v) for k, v in credits.items() if isinstance(v, int | float)},
         vars=dict(variables),
         matrix=matrix,
@@ -586,8 +663,10 @@ def _rows(value: Any, manifest: Path, line: int, problems: list[Problem]) -> lis
     if value is None:
         return []
     name = str(manifest)
+    if isinstance(value, dict) and set(value) == {"files"} and isinstance(value["files"], str):
+        return _file_rows(value["files"], manifest, line, problems)
     if not isinstance(value, str):
-        problems.append(Problem(name, line, "rows: must be the path of a CSV file (relative to the manifest)"))
+        problems.append(Problem(name, line, 'rows: must be the path of a CSV file (relative to the manifest), or {files: "photos/*.jpg"}'))
         return []
     rows_path = manifest.parent / value
     text = read_text(rows_path, MAX_CSV_BYTES, "rows", problems, line=line, cited=name)
@@ -619,3 +698,18 @@ def _rows(value: Any, manifest: Path, line: int, problems: list[Problem]) -> lis
     if not rows:
         problems.append(Problem(str(rows_path), 1, "rows: the file has no rows"))
     return rows
+
+
+def _file_rows(pattern: str, manifest: Path, line: int, problems: list[Problem]) -> list[dict[str, Any]]:
+    """``rows: {files: "photos/*.jpg"}``: a row per matching file, sorted, with vars ``file`` (``file:photos/a.jpg``), ``stem`` (``a``)."""
+    base = manifest.parent
+    if not pattern.strip() or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        problems.append(
+            Problem(str(manifest), line, f"rows.files: must be a pattern relative to the manifest's folder, not {short(pattern)}")
+        )
+        return []
+    found = sorted(p for p in base.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    if not found:
+        problems.append(Problem(str(manifest), line, f"rows.files: no file matches {pattern!r} in {base}"))
+        return []
+    return [{"file": "file:" + p.relative_to(base).as_posix(), "stem": p.stem} for p in found]

@@ -16,7 +16,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
@@ -120,8 +120,19 @@ def summarize(store: Store, *, wall_s: float | None = None, outcome: str | None 
     }
 
 
-def write_reports(store: Store, *, wall_s: float | None = None, outcome: str | None = None, error: str | None = None) -> dict[str, Any]:
+def write_reports(
+    store: Store,
+    *,
+    wall_s: float | None = None,
+    outcome: str | None = None,
+    error: str | None = None,
+    links: Mapping[str, str] | None = None,
+    links_expire_at: float | None = None,
+) -> dict[str, Any]:
     """Write the three reports into the store's directory; return the summary.
+
+    ``links`` (result path → URL) points the gallery at results kept only in a bucket
+    (presigned URLs, which expire at ``links_expire_at``; the page says when).
 
     Streamed: jobs are read from the store one at a time and written as they come, one
     JSON object per line of report.json, so a 100,000-job report costs little memory.
@@ -129,7 +140,7 @@ def write_reports(store: Store, *, wall_s: float | None = None, outcome: str | N
     """
     summary = summarize(store, wall_s=wall_s, outcome=outcome, error=error)
     try:
-        _write(store, summary)
+        _write(store, summary, links or {}, links_expire_at)
     except OSError as exc:  # a full or read-only output folder
         out = store.out_dir
         raise ReportError(
@@ -139,14 +150,14 @@ def write_reports(store: Store, *, wall_s: float | None = None, outcome: str | N
     return summary
 
 
-def _write(store: Store, summary: dict[str, Any]) -> None:
+def _write(store: Store, summary: dict[str, Any], links: Mapping[str, str], links_expire_at: float | None) -> None:
     out = store.out_dir
     with (
         _report_file(out / "report.json") as as_json,
         _report_file(out / "report.csv") as as_csv,
         _report_file(out / "report.html") as as_html,
     ):
-        page = Gallery.for_store(store, summary)
+        page = Gallery.for_store(store, summary, links=links, links_expire_at=links_expire_at)
         writer = csv.DictWriter(as_csv, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         as_json.write('{"summary": ' + json.dumps(summary, ensure_ascii=False) + ',\n"jobs": [')
@@ -194,9 +205,9 @@ def _kind(path: str) -> str:
     return "image" if ext in _IMAGE else "video" if ext in _VIDEO else "audio" if ext in _AUDIO else "file"
 
 
-def _media(job: dict[str, Any], size: tuple[int, int] | None = None) -> str:
+def _media(job: dict[str, Any], size: tuple[int, int] | None = None, src: str | None = None) -> str:
     path = job["path"] or ""
-    src = _href(path)
+    src = src or _href(path)
     alt = _e(job["prompt"][:120])
     kind = _kind(path)
     if kind == "image":
@@ -303,8 +314,11 @@ class Gallery:
         run: dict[str, Any] | None = None,
         review_token: str | None = None,
         page: int = 1,
+        links: Mapping[str, str] | None = None,
+        links_expire_at: float | None = None,
     ) -> None:
         self.summary, self.group_var, self.out_dir, self.run = summary, group_var, out_dir, run or {}
+        self.links, self.links_expire_at = links or {}, links_expire_at
         self.review_token, self.page = review_token, max(1, page)
         self.first = (self.page - 1) * GALLERY_LIMIT  # jobs before this page
         self.groups: dict[str, list[str]] = {}
@@ -357,8 +371,9 @@ class Gallery:
         )
         if done:
             size = image_size(self.out_dir, path) if self.out_dir is not None and _kind(path) == "image" else None
-            media = _media(job, size)
-            where = f'<a href="{_href(path)}">{_e(path)}</a>'
+            src = _e(self.links[path]) if path in self.links else _href(path)
+            media = _media(job, size, src)
+            where = f'<a href="{src}">{_e(path)}</a>'
         else:
             reason = job["error"] if job["state"] == "failed" and job["error"] else _WAITING.get(job["state"], job["state"])
             media = f'<div class="placeholder {_e(job["state"])}"><b>{_e(job["state"])}</b><span>{_e(reason)}</span></div>'
@@ -403,6 +418,15 @@ class Gallery:
             f"<p class=reviewed>review: {review} (of {sum(self.reviews.values())} results)</p></header>",
         ]
 
+    def _links_note(self) -> list[str]:
+        """For results kept only in the bucket: when the gallery's presigned links expire."""
+        if not self.links:
+            return []
+        return [
+            f"<p class=links>results are kept in the bucket only; their links expire {_e(_when(self.links_expire_at))} — "
+            "run the same command again for fresh ones</p>"
+        ]
+
     def _run_number(self) -> str:
         return f"{self.summary['runs']} " if self.summary.get("runs") else ""
 
@@ -442,6 +466,7 @@ class Gallery:
             f"<title>{title} — {'review' if self.review_token is not None else 'report'}</title>{token}",
             f"<style>{CSS}</style></head><body>",
             *self._header(),
+            *self._links_note(),
             self._filter_bar(),
             "<main>",
         ]

@@ -22,12 +22,14 @@ and a ``tick`` event says once a second what the run is waiting for.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,15 @@ from .errors import (
     RateLimited,
     ResultWriteError,
     StateError,
+    StorageError,
+    StorageUnavailable,
     TransientApiError,
     UnknownTask,
     Unreachable,
 )
 from .expand import Plan
+from .inputs import TOKEN_PREFIX, Inputs, LoopbackStorage, resolve, tokens
+from .storage import SIDECAR, Storage, complete, open_storage
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
 
 FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
@@ -85,6 +91,10 @@ class RunConfig:
     max_unrecognised: int = 10  # answers that are neither documented state before the job fails
     stop_grace_s: float = 5.0  # how long a stop waits for generate requests in flight to be answered
     tick_s: float = 1.0  # how often the ``tick`` event reports what the run is waiting for
+    storage_url: str | None = None  # s3://bucket/prefix (gs://, az://): inputs uploaded there, results kept there too
+    storage_endpoint: str | None = None  # an S3-compatible service's URL (default: $AWS_ENDPOINT_URL)
+    url_lifetime_s: float = 3600.0  # how long a presigned input URL stays valid
+    keep_local: bool = True  # False: results live only in the bucket; no storage_url on the sandbox: inputs served on loopback
     force: bool = False
     retry_failed: bool = False
     backend: str = "api"  # "sandbox" for the embedded sandbox: a folder's results are never mixed across the two
@@ -234,8 +244,11 @@ class Runner:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        inputs: Inputs | None = None,
+        results: Storage | None = None,
     ) -> None:
         self.config, self.store, self.client = config, store, client
+        self.inputs, self.results = inputs, results
         self.on_event = on_event or (lambda kind, job, detail: None)
         self.clock, self.sleep = clock, sleep
         self.rng = rng or random.Random()
@@ -370,13 +383,15 @@ class Runner:
             if job.state == JobState.PENDING and not await self._submit(job):
                 return
             await self._collect(job)
-        except (FatalApiError, OutputUnwritable) as exc:  # no other request or write can succeed: stop, state saved
+        except (FatalApiError, OutputUnwritable, StorageUnavailable) as exc:  # no other request or write can succeed: stop, state saved
             self.fatal = exc if isinstance(exc, FatalApiError) else self.fatal
             self._stop(exc.message)
             if self._scope is not None:
                 self._scope.cancel()
         except ResultWriteError as exc:
             self._fail(job, exc.message, REPOLL)
+        except StorageError as exc:  # a bucket refused one object: this job fails; the next run tries again
+            self._fail(job, exc.message, REPOLL if job.task_id else RESUBMIT)
         except UnknownTask as exc:
             self._fail(job, f"{exc.message}: it is resubmitted on the next run (and paid again)", RESUBMIT, repaid=1)
         except PermanentApiError as exc:
@@ -400,6 +415,7 @@ class Runner:
             if self.stop_reason is not None:
                 return False
             await self.pacer.generate_slot()
+            body, signed = await self._body(job)  # signed again at every submit: never a stale URL
             self.store.transition(job, JobState.SUBMITTING, sends=1)  # counted before the POST, committed with it
             try:
                 await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
@@ -411,7 +427,7 @@ class Runner:
             with anyio.CancelScope(shield=True) as shield:
                 self._shields.add(shield)
                 try:
-                    task_id = await self.client.generate(job.body)
+                    task_id = await self._generate(body, signed)
                 except RateLimited as exc:
                     self.store.transition(job, JobState.PENDING, event=exc.message)
                     self.on_event("rate_limited", job, exc.message)
@@ -467,6 +483,41 @@ class Runner:
             if shield.cancelled_caught:
                 return job.state == JobState.SUBMITTED
             await self.sleep(delay)
+
+    async def _generate(self, body: dict[str, Any], signed: dict[str, str]) -> str:
+        """``client.generate``; an error that quotes a presigned URL quotes its token instead (never a signature in the state)."""
+        try:
+            return await self.client.generate(body)
+        except BatchRunnerError as exc:
+            text = exc.message
+            for name, url in signed.items():
+                text = re.sub(re.escape(url.split("?", 1)[0]) + r"(\?[^\s\"'<>]*)?", name, text)
+            exc.args = (text,)
+            raise
+
+    async def _body(self, job: Job) -> tuple[dict[str, Any], dict[str, str]]:
+        """The body to send, each local input's token replaced by a freshly presigned URL (the state keeps the tokens); the URLs."""
+        names = tokens(job.body)
+        if not names:
+            return job.body, {}
+        if self.inputs is None:
+            raise StorageError("this job sends local files (file: inputs) but no storage is configured — pass --storage s3://bucket/prefix")
+        urls = {name: await self.inputs.storage.presign(self._input_key(name), self.inputs.lifetime_s) for name in names}
+        return dict(resolve(job.body, urls)), urls
+
+    def _input_key(self, name: str) -> str:
+        assert self.inputs is not None
+        bare = name[len(TOKEN_PREFIX) :]
+        return f"{self.inputs.prefix}/{bare}" if self.inputs.prefix else bare
+
+    async def _keep(self, rel: str, sha256: str, size: int) -> None:
+        """Put a verified local result and its sidecar into the bucket (whole or not at all); without local copies, move them there."""
+        assert self.results is not None
+        src = self.config.out_dir / rel
+        sidecar = await anyio.to_thread.run_sync(lambda: (self.config.out_dir / (rel + SIDECAR)).read_text("utf-8"))
+        await self.results.put_result(rel, src, sidecar, sha256=sha256, size=size, take=not self.config.keep_local)
+        if not self.config.keep_local:
+            await anyio.to_thread.run_sync(lambda: (self.config.out_dir / (rel + SIDECAR)).unlink(missing_ok=True))
 
     async def _collect(self, job: Job) -> None:
         """Poll a submitted job with ``download=true`` until its file is saved or it fails.
@@ -548,9 +599,20 @@ class Runner:
                 await self.sleep(backoff(errors, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng))
                 continue
             break
+        stored: dict[str, Any] = {}
+        if self.results is not None:
+            await self._keep(fetched.path, fetched.sha256, fetched.bytes)
+            stored["stored_at"] = self.clock()
         now = self.clock()
         self.store.transition(
-            job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now, duration_s=job.duration_s
+            job,
+            JobState.DONE,
+            path=fetched.path,
+            sha256=fetched.sha256,
+            bytes=fetched.bytes,
+            finished_at=now,
+            duration_s=job.duration_s,
+            **stored,
         )
         self.on_event("done", job, fetched.path)
 
@@ -602,24 +664,35 @@ async def run_campaign(
         store.claim_backend(config.backend, force=config.force)
         if plan is not None:
             resuming = bool(store.sync(plan.specs).known)
+        config = _storage_settings(config, store, rerun=plan is None)
     except StateError:
         store.close()
         raise
     started_at = time.time()
     outcome, error = "interrupted", None
     failing: BatchRunnerError | None = None
+    links: dict[str, str] = {}
+    links_expire_at: float | None = None
     try:
         before = store.totals()
         store.start_run()
-        found = store.recover()
-        store.reset_failed(retryable_only=not config.retry_failed)
-        start = started(
-            config.out_dir, store.counts(), found,
-            spent=before["credits_spent"], ambiguous_before=int(before["ambiguous_resubmitted"]), resuming=resuming,
-        )  # fmt: skip
-        if on_start is not None:
-            on_start(start)
         async with AsyncExitStack() as stack:
+            inputs, results, remote = await _storages(plan, config, store, stack)
+            found = store.recover(remote)
+            store.reset_failed(retryable_only=not config.retry_failed)
+            if inputs is not None and plan is not None and plan.inputs:  # before the first submit: every pending job's files, once
+                wanted = {t for job in store.work() if job.state == JobState.PENDING for t in tokens(job.body)}
+                uploaded = await inputs.prepare([plan.inputs[t] for t in sorted(wanted) if t in plan.inputs])
+                if on_event is not None and wanted:
+                    on_event("inputs", None, f"{uploaded} input file(s) uploaded, {len(wanted) - uploaded} already stored")
+            if results is not None and remote is not None:
+                await _store_unstored(store, results, remote, config)
+            start = started(
+                config.out_dir, store.counts(), found,
+                spent=before["credits_spent"], ambiguous_before=int(before["ambiguous_resubmitted"]), resuming=resuming,
+            )  # fmt: skip
+            if on_start is not None:
+                on_start(start)
             if client is None:
                 client = await stack.enter_async_context(
                     Client(
@@ -629,13 +702,15 @@ async def run_campaign(
                         connections=config.concurrency + config.poll_connections,
                     )
                 )
-            runner = Runner(config, store, client, on_event=on_event, rng=rng)
+            runner = Runner(config, store, client, on_event=on_event, rng=rng, inputs=inputs, results=results)
             if interrupt is not None:
                 interrupt._runner = runner
                 if interrupt.requests:
                     runner.interrupted = True
             if not runner.interrupted:
                 await runner.run(store.work())
+            if results is not None and not config.keep_local:
+                links, links_expire_at = await _links(store, results), time.time() + LINK_LIFETIME_S
         counts = store.counts()
         if runner.interrupted:
             outcome = "interrupted"
@@ -648,7 +723,9 @@ async def run_campaign(
         raise
     finally:
         try:
-            summary = write_reports(store, wall_s=time.time() - started_at, outcome=outcome, error=error)
+            summary = write_reports(
+                store, wall_s=time.time() - started_at, outcome=outcome, error=error, links=links, links_expire_at=links_expire_at
+            )
             store.end_run(outcome, summary)
         except BatchRunnerError as report_exc:  # the reports (disk full…): never hide why the run itself stopped
             if failing is None:
@@ -658,6 +735,79 @@ async def run_campaign(
             store.close()
     counts = dict(summary["counts"])
     return RunResult(outcome, counts, summary, error, start=start, tally=tally(start, counts, summary["ambiguous_resubmitted"]))
+
+
+STORAGE_META = "storage"  # the storage a run used, so `retry DIR` (no manifest) keeps its results where they are
+
+
+def _storage_settings(config: RunConfig, store: Store, *, rerun: bool) -> RunConfig:
+    """Remember the run's storage in the state; a rerun without a manifest or --storage uses the one remembered."""
+    if config.storage_url is not None:
+        kept = {"url": config.storage_url, "endpoint": config.storage_endpoint, "keep_local": config.keep_local}
+        store.set_meta(STORAGE_META, json.dumps(kept | {"url_lifetime_s": config.url_lifetime_s}))
+        return config
+    remembered = store.meta(STORAGE_META) if rerun else None
+    if not remembered:
+        return config
+    kept = json.loads(remembered)
+    return replace(
+        config,
+        storage_url=kept["url"],
+        storage_endpoint=kept["endpoint"],
+        keep_local=kept["keep_local"],
+        url_lifetime_s=kept["url_lifetime_s"],
+    )
+
+
+INPUTS_PREFIX = ".batchrunner/inputs"  # where file: inputs go in the bucket (a hidden name: never a result's path)
+
+
+async def _storages(
+    plan: Plan | None, config: RunConfig, store: Store, stack: Any
+) -> tuple[Inputs | None, Storage | None, set[str] | None]:
+    """The run's input store, result store, and the results already whole in the bucket (one listing)."""
+    if config.storage_url:
+        storage = await stack.enter_async_context(open_storage(config.storage_url, endpoint=config.storage_endpoint))
+        await storage.check()
+        listing = await storage.list("")
+        return Inputs(storage, lifetime_s=config.url_lifetime_s, prefix=INPUTS_PREFIX), storage, complete(listing)
+    if config.backend == "sandbox" and (plan is None or plan.inputs):  # no cloud: inputs served from the output folder on loopback
+        loopback = await stack.enter_async_context(LoopbackStorage(config.out_dir / ".batchrunner" / "inputs"))
+        return Inputs(loopback, lifetime_s=config.url_lifetime_s, prefix=""), None, None
+    return None, None, None
+
+
+LINK_LIFETIME_S = 7 * 24 * 3600.0  # the gallery's links to results kept only in the bucket (S3's longest)
+
+
+async def _links(store: Store, results: Storage) -> dict[str, str]:
+    """Presigned links to the done results the gallery shows (its first page), for results kept only in the bucket."""
+    from .report import GALLERY_LIMIT
+
+    paths = [job["path"] for job in store.rows(states=["done"]) if job["path"]][:GALLERY_LIMIT]
+    return {path: await results.presign(path, LINK_LIFETIME_S) for path in paths}
+
+
+async def _store_unstored(store: Store, results: Storage, remote: set[str], config: RunConfig) -> None:
+    """Resume: mark the done results the bucket's listing holds; store the others from their local copies."""
+    now = time.time()
+    for job_id, rel, sha256, size in store.unstored():
+        if rel in remote:
+            store.mark_stored(job_id, now)
+            continue
+        src = config.out_dir / rel
+        if not src.is_file():
+            continue
+        sidecar = (config.out_dir / (rel + SIDECAR)).read_text("utf-8")
+        try:
+            await results.put_result(rel, src, sidecar, sha256=sha256, size=size, take=not config.keep_local)
+        except StorageUnavailable:
+            raise
+        except StorageError:
+            continue  # tried again on the next run; the local copy stays
+        if not config.keep_local:
+            (config.out_dir / (rel + SIDECAR)).unlink(missing_ok=True)
+        store.mark_stored(job_id, time.time())
 
 
 def scale_expected(scale: float) -> dict[str, float]:

@@ -116,6 +116,8 @@ MIGRATIONS = (
     "ALTER TABLE jobs ADD COLUMN take INTEGER NOT NULL DEFAULT 1; ALTER TABLE jobs ADD COLUMN origin TEXT; "
     "CREATE UNIQUE INDEX jobs_by_origin ON jobs (origin) WHERE origin IS NOT NULL; "
     "CREATE INDEX jobs_by_review ON jobs (review) WHERE review IS NOT NULL;",
+    # 5: object storage — when a done job's result and sidecar were stored whole in the bucket (storage.url)
+    "ALTER TABLE jobs ADD COLUMN stored_at REAL;",
 )
 
 # fields whose new value is added to the old one rather than replacing it: ``transition(job, to, sends=1)`` counts one more
@@ -362,7 +364,7 @@ class Store:
                     os.replace(sidecar, dst.with_name(dst.name + ".json"))
         self._conn.execute("UPDATE jobs SET spec = ?, path = coalesce(?, path) WHERE id = ?", (spec, new_final, job_id))
 
-    def recover(self) -> dict[str, int]:
+    def recover(self, remote: set[str] | None = None) -> dict[str, int]:
         """After a crash: a job caught mid-submit is ambiguous (resubmitted, counted); a done job whose file is gone runs again.
 
         (A job caught mid-download is still ``submitted``: it is simply polled and fetched again.)
@@ -378,7 +380,8 @@ class Store:
             conn.executemany(_EVENT, ((self.run_id, i, now, "ambiguous", why) for i in ids))
             files: dict[str, set[str]] = {}  # folder -> the files in it: one directory read per folder, not a stat per job
             missing = []
-            for job_id, path in conn.execute("SELECT id, path FROM jobs WHERE state = 'done' AND in_manifest = 1"):
+            kept = "" if remote is not None else " AND stored_at IS NULL"  # a result stored in the bucket is never paid for again
+            for job_id, path in conn.execute(f"SELECT id, path FROM jobs WHERE state = 'done' AND in_manifest = 1{kept}"):
                 folder, _, name = path.rpartition("/")
                 if folder not in files:
                     try:
@@ -386,9 +389,18 @@ class Store:
                             files[folder] = {e.name for e in entries if e.is_file()}
                     except OSError:
                         files[folder] = set()
-                if name not in files[folder]:
+                if name not in files[folder] and (remote is None or path not in remote):
                     missing.append(job_id)
-            conn.executemany("UPDATE jobs SET state = 'pending', path = NULL, sha256 = NULL WHERE id = ?", ((i,) for i in missing))
+            conn.executemany(
+                "UPDATE jobs SET state = 'pending', path = NULL, sha256 = NULL, stored_at = NULL WHERE id = ?", ((i,) for i in missing)
+            )
+            if remote is not None:  # what the bucket's listing does not hold was not stored whole: stored again from the local copy
+                unstored = [
+                    (i,)
+                    for i, path in conn.execute("SELECT id, path FROM jobs WHERE state = 'done' AND stored_at IS NOT NULL")
+                    if path not in remote
+                ]
+                conn.executemany("UPDATE jobs SET stored_at = NULL WHERE id = ?", unstored)
         return {"ambiguous": len(ids), "files_missing": len(missing), "retaken": len(self.retake_rejected())}
 
     def reset_failed(self, *, retryable_only: bool) -> int:
@@ -571,6 +583,23 @@ class Store:
         """The models the campaign uses, sorted."""
         with self._sql() as conn:
             return [str(r[0]) for r in conn.execute("SELECT DISTINCT model FROM jobs WHERE in_manifest = 1 ORDER BY model")]
+
+    def unstored(self) -> list[tuple[str, str, str, int]]:
+        """Done jobs whose result is not (known to be) in the bucket: (id, path, sha256, bytes)."""
+        self.flush()
+        with self._sql() as conn:
+            return [
+                tuple(r)
+                for r in conn.execute(
+                    "SELECT id, path, sha256, bytes FROM jobs WHERE state = 'done' AND stored_at IS NULL AND in_manifest = 1"
+                )
+            ]
+
+    def mark_stored(self, job_id: str, at: float) -> None:
+        """Record that a done job's result and sidecar are whole in the bucket."""
+        self.flush()
+        with self._sql() as conn, conn:
+            conn.execute("UPDATE jobs SET stored_at = ? WHERE id = ?", (at, job_id))
 
     def done_ids(self) -> set[str]:
         """Ids of every finished job the directory holds (in the manifest or not)."""

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from .conftest import ROOT, cli
+from .conftest import ROOT, cli, make_png, red_square
 
 README = (ROOT / "README.md").read_text()
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
@@ -24,6 +24,9 @@ def test_every_yaml_example_in_the_readme_plans_as_written(tmp_path: Path) -> No
         name = re.findall(r"`([\w.-]+\.csv)`", before.rstrip().rsplit("\n", 1)[-1])
         assert name, f"a ```csv block must be introduced by its file name: {before[-80:]!r}"
         (tmp_path / name[-1]).write_text(text)
+    for name in {m for _, text in examples for m in re.findall(r"file:([\w/.-]+\.png)", text)}:  # local inputs it names
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(make_png(8, 8, red_square))
     for i, (_, text) in enumerate(examples):
         path = tmp_path / f"example{i}.yaml"
         path.write_text(text)
