@@ -27,6 +27,7 @@ from typing import Any
 
 import anyio
 
+from .callbacks import CallbackSettings, Hub, Receiver, check_plan, listening
 from .catalog import model_fields
 from .client import Client, Failed, Processing
 from .download import Finisher, save
@@ -68,6 +69,7 @@ class RunConfig:
     max_ambiguous: int = 3
     force: bool = False
     retry_failed: bool = False
+    callbacks: CallbackSettings | None = None  # a callback receiver: polls wake when the API calls back
 
 
 @dataclass(slots=True)
@@ -185,6 +187,7 @@ class Runner:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        callbacks: Hub | None = None,
     ) -> None:
         self.config, self.store, self.client = config, store, client
         self.on_event = on_event or (lambda kind, job, detail: None)
@@ -198,6 +201,7 @@ class Runner:
         self._slots = anyio.Semaphore(config.concurrency)
         self._polls = anyio.CapacityLimiter(config.poll_connections)
         self._scope: anyio.CancelScope | None = None
+        self.callbacks = callbacks
 
     async def run(self, jobs: Iterable[Job]) -> None:
         self._finisher = Finisher()
@@ -272,7 +276,7 @@ class Runner:
                 raise
             with anyio.CancelScope(shield=True):  # a sent POST's task id is always recorded
                 try:
-                    task_id = await self.client.generate(job.body)
+                    task_id = await self.client.generate(job.body if self.callbacks is None else self.callbacks.body(job.id, job.body))
                 except RateLimited as exc:
                     self.store.transition(job, JobState.PENDING, event=exc.message)
                     self.pacer.rate_limited(exc.retry_after_s, backoff(attempt, base_s=1.0, cap_s=self.config.backoff_cap_s, rng=self.rng))
@@ -328,7 +332,8 @@ class Runner:
             elapsed = self.clock() - submitted
             if elapsed > self.config.job_deadline_s:
                 raise TransientApiError(f"no result {elapsed:.0f} s after submitting (deadline {self.config.job_deadline_s:g} s)")
-            await self.sleep(poll_delay(polls, first_s=first, elapsed_s=elapsed, cap_s=self.config.poll_cap_s, rng=self.rng))
+            delay = poll_delay(polls, first_s=first, elapsed_s=elapsed, cap_s=self.config.poll_cap_s, rng=self.rng)
+            await (self.sleep(delay) if self.callbacks is None else self.callbacks.wait(job.id, delay))  # a callback wakes it early
             await self.pacer.cooldown()
             try:
                 async with self._polls:
@@ -338,6 +343,8 @@ class Runner:
                         if isinstance(answer, Processing):
                             processing_at = asked
                             continue
+                        if self.callbacks is not None:
+                            self.callbacks.finished(job.id)  # learns whether a callback announced it
                         if job.duration_s is None:  # learn when jobs of this model finish
                             job.duration_s = Durations.estimate(processing_at, asked)
                             self.durations.observe(job.model, job.duration_s)
@@ -417,8 +424,33 @@ async def run_campaign(
 ) -> RunResult:
     """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command.
 
-    With ``plan=None`` the directory's stored jobs are run as they are (``retry``).
+    With ``plan=None`` the directory's stored jobs are run as they are (``retry``). With
+    ``config.callbacks`` the receiver is bound before anything else: a run that cannot
+    listen refuses to start (:class:`ManifestError`).
     """
+    args = (plan, config)
+    kw: dict[str, Any] = {"api_key": api_key, "base_url": base_url, "host_header": host_header, "on_event": on_event, "rng": rng}
+    if config.callbacks is None:
+        return await _campaign(*args, None, **kw)
+    if plan is not None:
+        check_plan(plan, config.callbacks)
+    async with listening(config.callbacks) as receiver:
+        result = await _campaign(*args, receiver, **kw)
+        result.summary["callbacks"] = receiver.summary()
+        return result
+
+
+async def _campaign(
+    plan: Plan | None,
+    config: RunConfig,
+    receiver: Receiver | None,
+    *,
+    api_key: str,
+    base_url: str,
+    host_header: str | None = None,
+    on_event: EventHandler | None = None,
+    rng: random.Random | None = None,
+) -> RunResult:
     from .client import API_HOST
     from .report import write_reports
 
@@ -433,6 +465,7 @@ async def run_campaign(
     except StateError:
         store.close()
         raise
+    hub = receiver.arm(store) if receiver is not None else None
     started = time.time()
     outcome, error = "interrupted", None
     try:
@@ -445,7 +478,7 @@ async def run_campaign(
             host_header=host_header or API_HOST,
             connections=config.concurrency + config.poll_connections,
         ) as client:
-            runner = Runner(config, store, client, on_event=on_event, rng=rng)
+            runner = Runner(config, store, client, on_event=on_event, rng=rng, callbacks=hub)
             await runner.run(store.work())
         counts = store.counts()
         if runner.stop_reason is not None:

@@ -12,10 +12,21 @@ Faults are drawn per request from the same seeded generator: 429 with Retry-Afte
 sometimes after the task was created: the ambiguous case), truncated downloads.
 
 ``/_sandbox/stats`` (not part of the API) exposes the counters tests assert on.
+
+Callbacks (the API's payload is not publicly documented; this one is the sandbox's own):
+when a task that named a ``callBackUrl`` finishes, a timer POSTs ``{"taskId": "…",
+"status": "success" | "failed", "fileURL": "…" (success; carries the key, as the API's own
+result URLs do) | "failMsg": "…" (failed), "sentAt": unix seconds}`` to it, once, without
+retrying. Only loopback addresses are ever called (others are counted and skipped), and
+``http://`` is accepted only to a loopback address: a sandbox allowance for local testing
+(the API's docs say callBackUrl is an HTTPS URL). Seeded knobs drop, duplicate, delay,
+reorder (hold until the next one is sent) or send early (at creation, before the generate
+answer, instead of at the finish) a share of them; ``callbacks`` in the stats counts each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import hashlib
 import json
@@ -28,9 +39,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 
+from ..callbacks import is_loopback
 from ..catalog import STRINGIFIED, Catalog, load_catalog
 from . import media
 
@@ -70,6 +84,12 @@ class SandboxConfig:
     image_size: int = 96
     catalog_file: Path | None = None
     tasks_file: Path | None = None  # remember tasks across restarts, as the real API does (embedded use)
+    # callbacks: shares of tasks whose notice is dropped, sent twice, held until the next one is sent, sent early
+    p_callback_drop: float = 0.0
+    p_callback_duplicate: float = 0.0
+    p_callback_reorder: float = 0.0
+    p_callback_early: float = 0.0
+    callback_delay_s: float = 0.0  # each notice comes up to this many simulated seconds after the finish
 
 
 @dataclass(slots=True)
@@ -82,6 +102,7 @@ class Task:
     fail_reason: str | None
     terminal_seen: bool = False
     seen_at: float | None = None  # when a status call first reported the outcome
+    callback: str | None = None  # the callBackUrl it was created with (not kept across restarts)
 
 
 @dataclass(slots=True)
@@ -99,6 +120,7 @@ class Stats:
     rate_limited: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     generate_times: list[float] = field(default_factory=list)
+    callbacks: Counter[str] = field(default_factory=Counter)  # scheduled, sent, delivered, refused, failed, dropped, …
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -113,6 +135,7 @@ class Stats:
             "rate_limited": self.rate_limited,
             "faults": dict(self.faults),
             "max_generate_per_s": max_per_window(self.generate_times, 1.0),
+            "callbacks": dict(self.callbacks),
         }
 
 
@@ -149,6 +172,12 @@ class Sandbox:
         self.app.router.add_post("/app/cliprise/generate", self.generate)
         self.app.router.add_get("/app/cliprise/status", self.status)
         self.app.router.add_get("/_sandbox/stats", self.stats_view)
+        self._cb_rng = random.Random(f"{config.seed}-callbacks")  # its own stream: callbacks leave the API's draws as they were
+        self._cb_timers: set[asyncio.TimerHandle] = set()
+        self._cb_sends: set[asyncio.Task[None]] = set()
+        self._cb_held: list[tuple[str, Task]] = []
+        self._cb_session: aiohttp.ClientSession | None = None
+        self.app.on_cleanup.append(self._callbacks_stop)
 
     # -- helpers ---------------------------------------------------------------------------
     def _load_tasks(self, path: Path) -> None:
@@ -251,7 +280,7 @@ class Sandbox:
                     return f"{name}: invalid JSON string", "", ""
                 if not isinstance(parsed, kind) or (isinstance(parsed, list) and not all(isinstance(u, str) for u in parsed)):
                     return f"{name}: must be a stringified JSON {'object' if kind is dict else 'array of URLs'}", "", ""
-        if "callBackUrl" in body and not str(body["callBackUrl"]).startswith("https://"):
+        if "callBackUrl" in body and not _callback_url_ok(body["callBackUrl"]):
             return "callBackUrl: must be an HTTPS URL", "", ""
         fields: Any = body
         if model.root_only:
@@ -302,6 +331,9 @@ class Sandbox:
         task = self.tasks[task_id] = Task(str(body["model"]), modality, prompt, now, now + duration, fail)
         if self.config.tasks_file is not None:
             self._save_task(task_id, task)
+        if "callBackUrl" in body:
+            task.callback = str(body["callBackUrl"])
+            await self._callback_created(task_id, task)
         self.stats.tasks_created += 1
         self.stats.by_body[body_key(body)] += 1
         self.stats.generate_times.append(now)
@@ -356,6 +388,101 @@ class Sandbox:
 
     async def stats_view(self, request: web.Request) -> web.Response:
         return self._json(self.stats.as_json())
+
+    # -- callbacks (a timer per task: tasks otherwise finish lazily) ------------------------------
+    async def _callback_created(self, task_id: str, task: Task) -> None:
+        """Schedule the notice of a new task for its finish, or draw its fate (dropped, early, …)."""
+        c, r, counts = self.config, self._cb_rng, self.stats.callbacks
+        assert task.callback is not None
+        if not _callback_url_ok(task.callback, loopback_only=True):
+            counts["not_loopback"] += 1
+            return
+        counts["scheduled"] += 1
+        drop, early, held, twice = (
+            r.random() < p for p in (c.p_callback_drop, c.p_callback_early, c.p_callback_reorder, c.p_callback_duplicate)
+        )
+        extra = r.uniform(0.0, c.callback_delay_s) * c.time_scale
+        if drop:
+            counts["dropped"] += 1
+            return
+        if early:  # before the generate answer: the client cannot have recorded the task id yet
+            counts["early"] += 1
+            await self._callback_send(task_id, task)
+            return
+        delay = max(0.0, task.finish_at - self.clock())
+        if extra:
+            counts["delayed"] += 1
+        self._callback_at(delay + extra, task_id, task, held)
+        if twice:
+            counts["duplicated"] += 1
+            self._callback_at(delay + extra + r.uniform(0.0, 2.0) * c.time_scale, task_id, task, False)
+
+    def _callback_at(self, delay_s: float, task_id: str, task: Task, held: bool) -> None:
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle
+
+        def due() -> None:
+            self._cb_timers.discard(timer)
+            if held:  # reordered: goes out right after the next notice (or after a while, if none comes)
+                self.stats.callbacks["reordered"] += 1
+                self._cb_held.append((task_id, task))
+                self._cb_timers.add(loop.call_later(5.0 * self.config.time_scale + 0.05, self._callback_release))
+                return
+            self._callback_spawn(task_id, task)
+            self._callback_release()
+
+        timer = loop.call_later(delay_s, due)
+        self._cb_timers.add(timer)
+
+    def _callback_release(self) -> None:
+        held_now, self._cb_held = self._cb_held, []
+        for task_id, task in held_now:
+            self._callback_spawn(task_id, task)
+
+    def _callback_spawn(self, task_id: str, task: Task) -> None:
+        send = asyncio.ensure_future(self._callback_send(task_id, task))
+        self._cb_sends.add(send)
+        send.add_done_callback(self._cb_sends.discard)
+
+    async def _callback_send(self, task_id: str, task: Task) -> None:
+        assert task.callback is not None
+        notice: dict[str, Any] = {"taskId": task_id, "status": "failed" if task.fail_reason else "success", "sentAt": time.time()}
+        if task.fail_reason:
+            notice["failMsg"] = task.fail_reason
+        else:
+            notice["fileURL"] = f"https://{API_HOST}/app/cliprise/status?apiKey={self.config.api_key}&taskId={task_id}&download=true"
+        if self._cb_session is None:
+            self._cb_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0))
+        self.stats.callbacks["sent"] += 1
+        try:
+            async with self._cb_session.post(task.callback, json=notice) as resp:
+                await resp.read()
+                self.stats.callbacks["delivered" if 200 <= resp.status < 300 else "refused"] += 1
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            self.stats.callbacks["failed"] += 1
+
+    async def _callbacks_stop(self, app: web.Application) -> None:
+        for timer in self._cb_timers:
+            timer.cancel()
+        self._cb_timers.clear()
+        for send in list(self._cb_sends):
+            send.cancel()
+        await asyncio.gather(*self._cb_sends, return_exceptions=True)
+        if self._cb_session is not None:
+            await self._cb_session.close()
+
+
+def _callback_url_ok(url: Any, *, loopback_only: bool = False) -> bool:
+    """An https URL (or http to a loopback address: the sandbox's allowance for local testing); ``loopback_only``: and loopback."""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+    except ValueError:
+        return False
+    loopback = bool(host) and is_loopback(host)
+    if loopback_only:
+        return loopback and parts.scheme in ("http", "https")
+    return bool(host) and (parts.scheme == "https" or (parts.scheme == "http" and loopback))
 
 
 @asynccontextmanager
