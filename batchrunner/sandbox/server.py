@@ -423,6 +423,9 @@ class Sandbox:
 
         def due() -> None:
             self._cb_timers.discard(timer)
+            if self.clock() < task.finish_at:  # a timer may fire a hair early: a notice never precedes its finish
+                self._callback_at(task.finish_at - self.clock(), task_id, task, held)
+                return
             if held:  # reordered: goes out right after the next notice (or after a while, if none comes)
                 self.stats.callbacks["reordered"] += 1
                 self._cb_held.append((task_id, task))
