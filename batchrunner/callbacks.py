@@ -234,13 +234,13 @@ class Hub:
         if job_id in self._expired:  # the first wait ran out and the poll said "not yet": censored
             self._expired.discard(job_id)
             self._learn(_INF)
+        first = job_id not in self._seen
+        self._seen.add(job_id)
         if job_id in self._hints:  # arrived while it was being submitted or polled
             del self._hints[job_id]
             self._hinted.add(job_id)
             return
         self._hinted.discard(job_id)  # an earlier hint was premature: the poll it caused said "not yet"
-        first = job_id not in self._seen
-        self._seen.add(job_id)
         event = self._waiting[job_id] = anyio.Event()
         start = anyio.current_time()
         try:
@@ -259,8 +259,8 @@ class Hub:
         elif first:
             self._expired.add(job_id)
 
-    def finished(self, job_id: str) -> None:
-        """A poll found the job finished: learn whether a callback announced it."""
+    def finished(self, job_id: str) -> bool:
+        """A poll found the job finished: learn whether a callback announced it (True: it finished just before this poll)."""
         announced = job_id in self._hinted or job_id in self._hints
         self._hinted.discard(job_id)
         self._hints.pop(job_id, None)
@@ -278,6 +278,7 @@ class Hub:
         self._stretch = None
         if self.counts["finished"] % 10 == 0:
             self.save()
+        return announced
 
     def stretch(self) -> float:
         if self._stretch is None:

@@ -24,7 +24,7 @@ import pytest
 
 from batchrunner.callbacks import STRETCH_MAX, CallbackSettings, Hub, check_url, listening, parse_listen, stretch_factor, token
 from batchrunner.catalog import load_catalog
-from batchrunner.errors import ManifestError, redact
+from batchrunner.errors import ManifestError, StateError, redact
 from batchrunner.expand import Plan, expand
 from batchrunner.manifest import load
 from batchrunner.runner import RunConfig, run_campaign
@@ -350,6 +350,13 @@ def test_a_receiver_that_cannot_listen_refuses_the_run(tmp_path: Path, write) ->
     assert counters["generate_requests"] == 0 and not (tmp_path / "o" / ".batchrunner" / "state.sqlite").exists()
 
 
+def done_jobs(out: Path) -> int:
+    try:
+        return len(peek(out)[0])
+    except StateError:  # the state file is being created
+        return 0
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_with_callbacks_on(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
@@ -362,11 +369,13 @@ def test_sigkill_and_resume_with_callbacks_on(tmp_path: Path, write) -> None:  #
         cmd = [sys.executable, "-m", "batchrunner.cli", "run", str(path), "--out", str(out), "--quiet", "--poll-scale", "0.01"]
         for kill_at in (3, 15):
             proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 60
-            while len(peek(out)[0]) < kill_at and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.02)  # waiting for the state file to show kill_at jobs done
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            try:
+                deadline = time.monotonic() + 60
+                while done_jobs(out) < kill_at and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)  # waiting for the state file to show kill_at jobs done
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
         assert 0 < len(peek(out)[0]) < 40
         done = cli(*cmd[3:], env=env)
         assert done.returncode == 0, done.stderr
