@@ -20,8 +20,9 @@ result URLs do) | "failMsg": "…" (failed), "sentAt": unix seconds}`` to it, on
 retrying. Only loopback addresses are ever called (others are counted and skipped), and
 ``http://`` is accepted only to a loopback address: a sandbox allowance for local testing
 (the API's docs say callBackUrl is an HTTPS URL). Seeded knobs drop, duplicate, delay,
-reorder (hold until the next one is sent) or send early (at creation, before the generate
-answer, instead of at the finish) a share of them; ``callbacks`` in the stats counts each.
+reorder (hold until the next one is sent) a share of them, or send a share of tasks an
+extra, premature notice (at creation, before the generate answer, claiming the outcome);
+``callbacks`` in the stats counts each.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class SandboxConfig:
     image_size: int = 96
     catalog_file: Path | None = None
     tasks_file: Path | None = None  # remember tasks across restarts, as the real API does (embedded use)
-    # callbacks: shares of tasks whose notice is dropped, sent twice, held until the next one is sent, sent early
+    # callbacks: shares of tasks whose notice is dropped, sent twice, held until the next one is sent, preceded by a premature one
     p_callback_drop: float = 0.0
     p_callback_duplicate: float = 0.0
     p_callback_reorder: float = 0.0
@@ -402,12 +403,11 @@ class Sandbox:
             r.random() < p for p in (c.p_callback_drop, c.p_callback_early, c.p_callback_reorder, c.p_callback_duplicate)
         )
         extra = r.uniform(0.0, c.callback_delay_s) * c.time_scale
-        if drop:
-            counts["dropped"] += 1
-            return
         if early:  # before the generate answer: the client cannot have recorded the task id yet
             counts["early"] += 1
             await self._callback_send(task_id, task)
+        if drop:
+            counts["dropped"] += 1
             return
         delay = max(0.0, task.finish_at - self.clock())
         if extra:
