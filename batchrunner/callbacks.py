@@ -43,6 +43,7 @@ from .errors import BatchRunnerError, ManifestError, Problem, redact, register_s
 
 if TYPE_CHECKING:
     from .expand import Plan
+    from .manifest import Manifest
     from .store import Store
 
 TOKEN_HEX = 32  # 128 bits of the HMAC
@@ -128,6 +129,25 @@ class CallbackSettings:
         if problems:
             raise ManifestError(problems)
         return cls(host=host, port=port, url=base, origin=listen_at)
+
+
+def resolve(manifest: Manifest | None, *, listen: str | None = None, url: str | None = None) -> CallbackSettings | None:
+    """The receiver's settings: ``listen`` / ``url`` (the flags) > the manifest's ``callbacks:``; None when neither sets listen.
+
+    Raises :class:`ManifestError` naming the flag, or the manifest's file and line, of a bad value.
+    """
+    block = manifest.callbacks if manifest is not None else {}
+    listen_at: tuple[str, int | None] = ("--callback-listen", None)
+    url_at: tuple[str, int | None] = ("--callback-url", None)
+    if listen is None and manifest is not None and "listen" in block:
+        listen, listen_at = block["listen"], (manifest.file, manifest.callbacks.line_of("listen"))
+    if url is None and manifest is not None and "url" in block:
+        url, url_at = block["url"], (manifest.file, manifest.callbacks.line_of("url"))
+    if listen is None:
+        if url is not None:
+            raise ManifestError([Problem(*url_at, "a callback URL needs a receiver: add --callback-listen HOST:PORT")])
+        return None
+    return CallbackSettings.parse(listen, url, listen_at=listen_at, url_at=url_at)
 
 
 def check_plan(plan: Plan, settings: CallbackSettings) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 
 from . import __version__
-from .callbacks import CallbackSettings
+from .callbacks import resolve as resolve_callbacks
 from .catalog import Catalog, load_catalog
 from .errors import BatchRunnerError, ManifestError, Problem, StateError
 from .expand import Plan, expand
@@ -162,7 +162,7 @@ def _config(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool)
         max_credits=_pick(args.max_credits, m and m.max_credits, "BATCHRUNNER_MAX_CREDITS", float, None),
         force=getattr(args, "force", False),
         retry_failed=retry,
-        callbacks=_callbacks(args, plan),
+        callbacks=resolve_callbacks(m, listen=args.callback_listen, url=args.callback_url),
     )
     if config.concurrency < 1:
         raise ManifestError([Problem("--concurrency", None, "must be at least 1")])
@@ -176,24 +176,6 @@ def _config(args: argparse.Namespace, plan: Plan | None, out: Path, retry: bool)
         return replace(config, expected_s=scale_expected(scale))
     except ValueError as exc:
         raise ManifestError([Problem(flag, None, str(exc))]) from None
-
-
-def _callbacks(args: argparse.Namespace, plan: Plan | None) -> CallbackSettings | None:
-    """The callback receiver's settings: flag > manifest 'callbacks:'; None when neither sets listen."""
-    m = plan.manifest if plan else None
-    block = m.callbacks if m else {}
-    listen_at: tuple[str, int | None] = ("--callback-listen", None)
-    url_at: tuple[str, int | None] = ("--callback-url", None)
-    listen, url = args.callback_listen, args.callback_url
-    if listen is None and m is not None and "listen" in block:
-        listen, listen_at = block["listen"], (m.file, m.callbacks.line_of("listen"))
-    if url is None and m is not None and "url" in block:
-        url, url_at = block["url"], (m.file, m.callbacks.line_of("url"))
-    if listen is None:
-        if url is not None:
-            raise ManifestError([Problem(*url_at, "a callback URL needs a receiver: add --callback-listen HOST:PORT")])
-        return None
-    return CallbackSettings.parse(listen, url, listen_at=listen_at, url_at=url_at)
 
 
 async def _run(args: argparse.Namespace, plan: Plan | None, config: RunConfig, progress: Progress) -> RunResult:
