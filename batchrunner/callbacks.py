@@ -54,6 +54,7 @@ READ_TIMEOUT_S = 5.0  # a body still arriving after this is cut: a slow client h
 STRETCH_MAX = 4.0  # polls never come later than this many times their normal delay
 RATIO_Q = 0.97  # the first poll aims past this share of the finishes callbacks announced
 TRUST_FULL, TRUST_NONE = 0.04, 0.20  # miss rates at which the stretch is full / off
+CARRIED = 30  # finishes' worth of the last run's reliability a new run starts from
 _INF = float("inf")
 
 
@@ -321,19 +322,24 @@ class Hub:
 
     def save(self) -> None:
         """Keep what was learned in the state file, so the next run in this directory starts from it."""
-        if self._store is None:
+        if self._store is None or not self.announced:
             return
-        data = {"ratios": [r if r != _INF else -1 for r in self.ratios], "announced": [r[0] for r in self.announced][-20:]}
+        share = sum(r[0] for r in self.announced) / len(self.announced)
+        data = {"ratios": [r if r != _INF else -1 for r in self.ratios], "announced_share": share}
         self._store.set_meta("callback_learning", json.dumps(data))
 
     def _load(self, raw: str | None) -> None:
-        # only the last 20 finishes are carried over: a tunnel that died since the last run is found out fast
+        # The share announced over the last window is carried over as CARRIED finishes: enough that a run after a
+        # reliable one starts stretched, and one after a run that lost 30 % does not (a lucky few would); few enough
+        # that a tunnel that died in between is found out after a handful of unannounced finishes.
         try:
             data = json.loads(raw or "{}")
             self.ratios.extend(_INF if r == -1 else float(r) for r in data.get("ratios", []))
-            self.announced.extend([bool(a)] for a in data.get("announced", []))
-        except (ValueError, TypeError, AttributeError):
-            pass
+            share = min(1.0, max(0.0, float(data["announced_share"])))
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return
+        hits = round(share * CARRIED)
+        self.announced.extend([i < hits] for i in range(CARRIED))
 
     def summary(self) -> dict[str, Any]:
         return {

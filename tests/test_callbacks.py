@@ -115,6 +115,29 @@ def test_stretch_only_when_callbacks_come_reliably() -> None:
     assert stretch_factor([50.0] * 20, [True] * 100) == pytest.approx(STRETCH_MAX, rel=0.05)  # never beyond the cap
 
 
+def test_what_a_run_learned_about_callbacks_carries_over_as_a_share(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    try:
+        for reliable, missed in ((100, 0), (70, 30)):
+            hub = Hub("http://127.0.0.1:9", "s", store)
+            for i in range(reliable + missed):
+                if i < reliable:
+                    hub.hint(f"job{i}")  # a callback came while the job was being polled…
+                hub.finished(f"job{i}")  # …and the poll found it finished
+            for _ in range(20):
+                hub._learn(1.5)
+            hub.save()
+            again = Hub("http://127.0.0.1:9", "s", store)
+            flags = [r[0] for r in again.announced]
+            assert len(flags) == 30 and flags.count(True) == round(30 * reliable / (reliable + missed))
+            if missed:  # a run that lost 30 % starts the next one unstretched; a reliable one, stretched
+                assert again.stretch() == 1.0
+            else:
+                assert again.stretch() > 1.5
+    finally:
+        store.close()
+
+
 # -- campaigns against the sandbox ------------------------------------------------------------
 async def test_each_job_is_polled_about_once_when_callbacks_arrive(tmp_path: Path) -> None:
     plan = campaign(tmp_path, 24, video=True)
