@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .callbacks import resolve as resolve_callbacks
 from .catalog import Catalog, load_catalog
 from .client import DEFAULT_BASE_URL, Client
 from .dryrun import Preview
@@ -101,6 +102,8 @@ def resolve_config(
     force: bool = False,
     retry_failed: bool = False,
     storage: str | None = None,
+    callback_listen: str | None = None,
+    callback_url: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> RunConfig:
     """The frozen :class:`RunConfig` of a run: each setting from the keyword, else the manifest, else the environment, else the default.
@@ -148,6 +151,7 @@ def resolve_config(
         config,
         storage_url=pick(storage or None, kept and kept.url, env.get(ENV_STORAGE) or None, None),
         storage_endpoint=kept.endpoint if kept else None,
+        callbacks=resolve_callbacks(manifest, listen=callback_listen, url=callback_url),
         url_lifetime_s=kept.url_lifetime_s if kept and kept.url_lifetime_s else config.url_lifetime_s,
         keep_local=kept.keep_local if kept and kept.keep_local is not None else True,
     )
@@ -181,6 +185,8 @@ def preview(
     force: bool = False,
     retry_failed: bool = False,
     storage: str | None = None,
+    callback_listen: str | None = None,
+    callback_url: str | None = None,
     env: Mapping[str, str] | None = None,
     sandbox: bool = False,
 ) -> Preview:
@@ -191,7 +197,7 @@ def preview(
     """
     config = resolve_config(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
-        force=force, retry_failed=retry_failed, storage=storage, env=env,
+        force=force, retry_failed=retry_failed, storage=storage, callback_listen=callback_listen, callback_url=callback_url, env=env,
     )  # fmt: skip
     return _preview(plan, replace(config, backend="sandbox") if sandbox else config)
 
@@ -212,6 +218,8 @@ async def run_async(
     force: bool = False,
     retry_failed: bool = False,
     storage: str | None = None,
+    callback_listen: str | None = None,
+    callback_url: str | None = None,
     on_start: StartHandler | None = None,
     on_event: EventHandler | None = None,
     env: Mapping[str, str] | None = None,
@@ -232,7 +240,8 @@ async def run_async(
             poll_scale = sb.time_scale
     config = resolve_config(
         plan, out=out, concurrency=concurrency, rate_per_s=rate_per_s, max_credits=max_credits,
-        poll_scale=poll_scale, force=force, retry_failed=retry_failed, storage=storage, env=env,
+        poll_scale=poll_scale, force=force, retry_failed=retry_failed, storage=storage,
+        callback_listen=callback_listen, callback_url=callback_url, env=env,
     )  # fmt: skip
     if sb is not None:
         config = replace(config, backend="sandbox")
@@ -269,6 +278,8 @@ def run(
     force: bool = False,
     retry_failed: bool = False,
     storage: str | None = None,
+    callback_listen: str | None = None,
+    callback_url: str | None = None,
     on_start: StartHandler | None = None,
     on_event: EventHandler | None = None,
     env: Mapping[str, str] | None = None,
@@ -296,7 +307,7 @@ def run(
         partial(
             run_async, plan, out=out, sandbox=sandbox, api_key=api_key, base_url=base_url, client=client, concurrency=concurrency,
             rate_per_s=rate_per_s, max_credits=max_credits, poll_scale=poll_scale, force=force, retry_failed=retry_failed,
-            storage=storage, on_start=on_start, on_event=on_event, env=env,
+            storage=storage, callback_listen=callback_listen, callback_url=callback_url, on_start=on_start, on_event=on_event, env=env,
         )
     )  # fmt: skip
 

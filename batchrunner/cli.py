@@ -60,6 +60,8 @@ def _settings(args: argparse.Namespace, retry: bool) -> dict[str, Any]:
         "force": getattr(args, "force", False),
         "retry_failed": retry,
         "storage": getattr(args, "storage", None),
+        "callback_listen": getattr(args, "callback_listen", None),
+        "callback_url": getattr(args, "callback_url", None),
     }
 
 
@@ -349,6 +351,10 @@ def _execute(args: argparse.Namespace, plan: Plan | None, retry: bool) -> int:
         retry_cmd = f"batchrunner retry {where}" + (" --sandbox" if args.sandbox else "")
         jobs = "1 job" if failed == 1 else f"{failed} jobs"
         print(f"{jobs} failed: `batchrunner status {where}` shows why; `{retry_cmd}` runs them again")
+    if "callbacks" in result.summary and not args.quiet:
+        cb = result.summary["callbacks"]
+        announced = f"{cb['announced']} of {cb['finished']} finishes announced by one"
+        print(f"callbacks: {cb['received']} received, {cb['refused']} refused; {announced}")
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
     return EXIT_OK if result.outcome == "complete" else EXIT_FAILED
@@ -643,6 +649,16 @@ def _parser() -> argparse.ArgumentParser:
             default=0.0,
             metavar="P",
             help="with --sandbox: share of tasks it fails (default: 0)",
+        )
+        p.add_argument(
+            "--callback-listen",
+            metavar="HOST:PORT",
+            help="receive the API's callbacks here; polls wake early (manifest 'callbacks.listen'; default: no receiver)",
+        )
+        p.add_argument(
+            "--callback-url",
+            metavar="URL",
+            help="the public https:// base URL that reaches --callback-listen (manifest 'callbacks.url'; default: the listen address)",
         )
 
     out_help = "output directory (default: the manifest's 'output', else out/<name> beside the manifest)"

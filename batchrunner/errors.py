@@ -35,7 +35,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_KEY_SHAPES = re.compile(r"(apiKey=)[^&\s\"'<>]*|(Bearer\s+)[^\s\"',]+", re.IGNORECASE)
+# API keys in a query or a header, and callback capability tokens (batchrunner.callbacks: .../cb/<job id>/<token>)
+_KEY_SHAPES = re.compile(r"(apiKey=)[^&\s\"'<>]*|(Bearer\s+)[^\s\"',]+|(/cb/[^/\s\"'<>]+/)[0-9a-f]{32}", re.IGNORECASE)
 _secrets: set[str] = set()
 
 
@@ -48,7 +49,7 @@ def register_secret(secret: str) -> None:
 def redact(text: str) -> str:
     """Return ``text`` with every API key removed: ``apiKey=`` query values, Bearer tokens and known secrets."""
     if _KEY_SHAPES.search(text):
-        text = _KEY_SHAPES.sub(lambda m: (m[1] or m[2]) + "REDACTED", text)
+        text = _KEY_SHAPES.sub(lambda m: (m[1] or m[2] or m[3]) + "REDACTED", text)
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "REDACTED")

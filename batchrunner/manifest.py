@@ -30,11 +30,12 @@ from yaml.reader import Reader, ReaderError
 from yaml.resolver import Resolver
 from yaml.scanner import Scanner
 
+from .callbacks import CallbackSettings
 from .errors import ManifestError, Problem
 
 TOP_KEYS = (
     "version", "name", "output", "path", "concurrency", "rate", "max_credits", "max_jobs", "callback_url",
-    "credits", "vars", "matrix", "rows", "defaults", "jobs", "jobs_csv", "storage",
+    "credits", "vars", "matrix", "rows", "defaults", "jobs", "jobs_csv", "storage", "callbacks",
 )  # fmt: skip
 JOB_KEYS = ("model", "prompt", "input", "options", "imageURLList", "videoURLList", "vars", "matrix", "variants", "path", "callback_url")
 CSV_FIXED = ("model", "prompt", "variants", "path")
@@ -341,6 +342,7 @@ class Manifest:
     defaults: LineDict = field(default_factory=LineDict)
     jobs: list[JobDef] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)
+    callbacks: LineDict = field(default_factory=LineDict)  # listen, url (checked); empty: no callback receiver
 
     def line_of(self, key: str) -> int | None:
         return self.lines.get(key)
@@ -578,6 +580,23 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
                     f"credits.{model}: must be a number ≥ 0, not {short(price)}",
                 )
             )
+    callbacks = typed("callbacks", dict, "a mapping with listen: (host:port) and url: (https://…)") or LineDict()
+    if callbacks:
+        for key in callbacks:
+            if key not in ("listen", "url"):
+                problems.append(Problem(name, callbacks.line_of(key), f"callbacks.{key}: unknown key — known: listen, url"))
+        if "listen" not in callbacks:
+            problems.append(Problem(name, where("callbacks"), "callbacks.listen: required (host:port where the receiver binds)"))
+        else:
+            try:
+                CallbackSettings.parse(
+                    callbacks["listen"],
+                    callbacks.get("url"),
+                    listen_at=(name, callbacks.line_of("listen")),
+                    url_at=(name, callbacks.line_of("url")),
+                )
+            except ManifestError as exc:
+                problems.extend(exc.problems)
     variables = typed("vars", dict, "a mapping of names to values") or {}
     matrix = _matrix(doc.get("matrix"), name, where("matrix"), "matrix", problems)
     rows = _rows(doc.get("rows"), path, where("rows"), problems)
@@ -625,6 +644,7 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
         defaults=defaults,
         jobs=jobs,
         lines=dict(doc.key_lines),
+        callbacks=callbacks,
     )
 
 

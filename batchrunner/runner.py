@@ -35,6 +35,7 @@ from typing import Any
 
 import anyio
 
+from .callbacks import CallbackSettings, Hub, Receiver, check_plan, listening
 from .catalog import model_fields
 from .client import Client, Failed, Processing, Unrecognised, endpoint_problems
 from .download import Finisher, Limits, save
@@ -98,6 +99,7 @@ class RunConfig:
     force: bool = False
     retry_failed: bool = False
     backend: str = "api"  # "sandbox" for the embedded sandbox: a folder's results are never mixed across the two
+    callbacks: CallbackSettings | None = None  # a callback receiver: polls wake when the API calls back
 
 
 @dataclass(slots=True)
@@ -246,6 +248,7 @@ class Runner:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         inputs: Inputs | None = None,
         results: Storage | None = None,
+        callbacks: Hub | None = None,
     ) -> None:
         self.config, self.store, self.client = config, store, client
         self.inputs, self.results = inputs, results
@@ -269,6 +272,7 @@ class Runner:
         self._limits = Limits(
             deadline_s=config.download_deadline_s, min_rate_bps=config.download_min_rate_bps, window_s=config.download_rate_window_s
         )
+        self.callbacks = callbacks
 
     async def run(self, jobs: Iterable[Job]) -> None:
         self._finisher = Finisher(self.config.out_dir)
@@ -427,7 +431,7 @@ class Runner:
             with anyio.CancelScope(shield=True) as shield:
                 self._shields.add(shield)
                 try:
-                    task_id = await self._generate(body, signed)
+                    task_id = await self._generate(body if self.callbacks is None else self.callbacks.body(job.id, body), signed)
                 except RateLimited as exc:
                     self.store.transition(job, JobState.PENDING, event=exc.message)
                     self.on_event("rate_limited", job, exc.message)
@@ -543,7 +547,8 @@ class Runner:
             elapsed = self.clock() - submitted
             if elapsed > self.config.job_deadline_s:
                 raise TransientApiError(f"no result {elapsed:.0f} s after submitting (deadline {self.config.job_deadline_s:g} s)")
-            await self.sleep(poll_delay(polls, first_s=first, elapsed_s=elapsed, cap_s=self.config.poll_cap_s, rng=self.rng))
+            delay = poll_delay(polls, first_s=first, elapsed_s=elapsed, cap_s=self.config.poll_cap_s, rng=self.rng)
+            await (self.sleep(delay) if self.callbacks is None else self.callbacks.wait(job.id, delay))  # a callback wakes it early
             await self.pacer.cooldown()
             try:
                 async with self._polls:
@@ -568,8 +573,9 @@ class Runner:
                                 self._fail(job, f"the API answered {unrecognised} times without a result URL: {answer.text}", REPOLL)
                                 return
                             continue
-                        if job.duration_s is None:  # learn when jobs of this model finish
-                            job.duration_s = Durations.estimate(processing_at, asked)
+                        announced = self.callbacks is not None and self.callbacks.finished(job.id)
+                        if job.duration_s is None:  # learn when jobs of this model finish (announced by a callback: just now)
+                            job.duration_s = asked if announced else Durations.estimate(processing_at, asked)
                             self.durations.observe(job.model, job.duration_s)
                         if isinstance(answer, Failed):
                             self._fail(job, f"the API failed the task: {answer.reason}", NOT_RETRYABLE)
@@ -637,6 +643,40 @@ async def run_campaign(
 ) -> RunResult:
     """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command.
 
+    With ``config.callbacks`` the callback receiver is bound before anything else (a run that
+    cannot listen refuses to start: :class:`ManifestError`) and serves for the whole run.
+    The rest: see :func:`_campaign`.
+    """
+    kw: dict[str, Any] = {
+        "api_key": api_key, "base_url": base_url, "host_header": host_header, "client": client,
+        "on_start": on_start, "on_event": on_event, "rng": rng, "interrupt": interrupt,
+    }  # fmt: skip
+    if config.callbacks is None:
+        return await _campaign(plan, config, None, **kw)
+    if plan is not None:
+        check_plan(plan, config.callbacks)
+    async with listening(config.callbacks) as receiver:
+        result = await _campaign(plan, config, receiver, **kw)
+        result.summary["callbacks"] = receiver.summary()
+        return result
+
+
+async def _campaign(
+    plan: Plan | None,
+    config: RunConfig,
+    receiver: Receiver | None,
+    *,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    host_header: str | None = None,
+    client: Client | None = None,
+    on_start: Callable[[Preview], None] | None = None,
+    on_event: EventHandler | None = None,
+    rng: random.Random | None = None,
+    interrupt: Interrupt | None = None,
+) -> RunResult:
+    """Run or resume ``plan`` into ``config.out_dir`` (with ``receiver``'s callbacks waking polls).
+
     With ``plan=None`` the directory's stored jobs are run as they are (``retry``). First it
     refuses what ``plan`` refuses (:func:`~batchrunner.dryrun.check`), before anything is
     written or sent. ``on_start`` hears where the run starts (done, in flight, to submit)
@@ -668,6 +708,7 @@ async def run_campaign(
     except StateError:
         store.close()
         raise
+    hub = receiver.arm(store) if receiver is not None else None
     started_at = time.time()
     outcome, error = "interrupted", None
     failing: BatchRunnerError | None = None
@@ -702,7 +743,7 @@ async def run_campaign(
                         connections=config.concurrency + config.poll_connections,
                     )
                 )
-            runner = Runner(config, store, client, on_event=on_event, rng=rng, inputs=inputs, results=results)
+            runner = Runner(config, store, client, on_event=on_event, rng=rng, inputs=inputs, results=results, callbacks=hub)
             if interrupt is not None:
                 interrupt._runner = runner
                 if interrupt.requests:

@@ -473,6 +473,20 @@ class Store:
             raise StateError(f"job {job.id}: {job.state} → {to} is not allowed (or the job changed under us)")
         job.state = to
 
+    def record_event(self, job_id: str, kind: str, detail: str) -> None:
+        """Add an event to a job's history (a callback received, …) in the open batch; ``detail`` is redacted."""
+        if self._broken is not None:
+            raise self._broken
+        try:
+            if not self._conn.in_transaction:
+                self._batch.clear()
+                self._conn.execute("BEGIN")
+            logged = (self.run_id, job_id, self.clock(), kind, redact(detail))
+            self._batch.append((_EVENT, logged))
+            self._conn.execute(_EVENT, logged)
+        except sqlite3.Error as exc:
+            raise self._write_failed(exc) from exc
+
     def flush(self) -> None:
         """Commit the open batch of transitions, if any. A failed commit breaks the store for good."""
         if self._broken is not None:

@@ -40,6 +40,18 @@ error. The sandbox fetches loopback addresses only. Results derive from their in
 ``media.py``), and images follow the requested aspect ratio.
 
 ``/_sandbox/stats`` and ``/_sandbox/tasks`` (not part of the API) expose what tests assert on.
+``/_sandbox/stats`` (not part of the API) exposes the counters tests assert on.
+
+Callbacks (the API's payload is not publicly documented; this one is the sandbox's own):
+when a task that named a ``callBackUrl`` finishes, a timer POSTs ``{"taskId": "…",
+"status": "success" | "failed", "fileURL": "…" (success; carries the key, as the API's own
+result URLs do) | "failMsg": "…" (failed), "sentAt": unix seconds}`` to it, once, without
+retrying. Only loopback addresses are ever called (others are counted and skipped), and
+``http://`` is accepted only to a loopback address: a sandbox allowance for local testing
+(the API's docs say callBackUrl is an HTTPS URL). Seeded knobs drop, duplicate, delay,
+reorder (hold until the next one is sent) a share of them, or send a share of tasks an
+extra, premature notice (at creation, before the generate answer, claiming the outcome);
+``callbacks`` in the stats counts each.
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp import web
 
+from ..callbacks import is_loopback
 from ..catalog import STRINGIFIED, Catalog, load_catalog
 from ..inputs import KINDS, media_type
 from . import media
@@ -125,6 +138,12 @@ class SandboxConfig:
     input_max_bytes: int = 64 << 20  # a sandbox limit (the API's is not public)
     video_min_bytes: int = 0  # video results padded to at least this size (> 1 MiB exercises streamed downloads)
     chunked_media: bool = False  # results sent without Content-Length (chunked), as some CDNs do
+    # callbacks: shares of tasks whose notice is dropped, sent twice, held until the next one is sent, preceded by a premature one
+    p_callback_drop: float = 0.0
+    p_callback_duplicate: float = 0.0
+    p_callback_reorder: float = 0.0
+    p_callback_early: float = 0.0
+    callback_delay_s: float = 0.0  # each notice comes up to this many simulated seconds after the finish
 
 
 @dataclass(slots=True)
@@ -139,6 +158,7 @@ class Task:
     seen_at: float | None = None  # when a status call first reported the outcome
     inputs: tuple[tuple[str, str], ...] = ()  # (field, sha256) of each source media fetched
     aspect_ratio: str | None = None
+    callback: str | None = None  # the callBackUrl it was created with (not kept across restarts)
 
 
 @dataclass(slots=True)
@@ -159,6 +179,7 @@ class Stats:
     inputs_fetched: int = 0  # source media URLs fetched and accepted
     inputs_refused: int = 0  # generate requests refused for a source media URL
     inputs_by_sha: Counter[str] = field(default_factory=Counter)  # fetches per content
+    callbacks: Counter[str] = field(default_factory=Counter)  # scheduled, sent, delivered, refused, failed, dropped, …
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -176,6 +197,7 @@ class Stats:
             "inputs_fetched": self.inputs_fetched,
             "inputs_refused": self.inputs_refused,
             "inputs_by_sha": dict(self.inputs_by_sha),
+            "callbacks": dict(self.callbacks),
         }
 
 
@@ -217,6 +239,12 @@ class Sandbox:
         self.app.router.add_get("/_sandbox/stats", self.stats_view)
         self.app.router.add_get("/_sandbox/tasks", self.tasks_view)
         self.app.on_cleanup.append(self._close_session)
+        self._cb_rng = random.Random(f"{config.seed}-callbacks")  # its own stream: callbacks leave the API's draws as they were
+        self._cb_timers: set[asyncio.TimerHandle] = set()
+        self._cb_sends: set[asyncio.Task[None]] = set()
+        self._cb_held: list[tuple[str, Task]] = []
+        self._cb_session: aiohttp.ClientSession | None = None
+        self.app.on_cleanup.append(self._callbacks_stop)
 
     # -- helpers ---------------------------------------------------------------------------
     def _load_tasks(self, path: Path) -> None:
@@ -330,7 +358,7 @@ class Sandbox:
                     return f"{name}: invalid JSON string", "", ""
                 if not isinstance(parsed, kind) or (isinstance(parsed, list) and not all(isinstance(u, str) for u in parsed)):
                     return f"{name}: must be a stringified JSON {'object' if kind is dict else 'array of URLs'}", "", ""
-        if "callBackUrl" in body and not str(body["callBackUrl"]).startswith("https://"):
+        if "callBackUrl" in body and not _callback_url_ok(body["callBackUrl"]):
             return "callBackUrl: must be an HTTPS URL", "", ""
         fields: Any = body
         if model.root_only:
@@ -387,6 +415,9 @@ class Sandbox:
         )
         if self.config.tasks_file is not None:
             self._save_task(task_id, task)
+        if "callBackUrl" in body:
+            task.callback = str(body["callBackUrl"])
+            await self._callback_created(task_id, task)
         self.stats.tasks_created += 1
         self.stats.by_body[body_key(body)] += 1
         self.stats.generate_times.append(now)
@@ -568,6 +599,89 @@ class Sandbox:
         return self._json({tid: {"model": t.model, "modality": t.modality, "aspect_ratio": t.aspect_ratio, "inputs": dict(t.inputs)}
                            for tid, t in self.tasks.items()})  # fmt: skip
 
+    async def _callback_created(self, task_id: str, task: Task) -> None:
+        """Schedule the notice of a new task for its finish, or draw its fate (dropped, early, …)."""
+        c, r, counts = self.config, self._cb_rng, self.stats.callbacks
+        assert task.callback is not None
+        if not _callback_url_ok(task.callback, loopback_only=True):
+            counts["not_loopback"] += 1
+            return
+        counts["scheduled"] += 1
+        drop, early, held, twice = (
+            r.random() < p for p in (c.p_callback_drop, c.p_callback_early, c.p_callback_reorder, c.p_callback_duplicate)
+        )
+        extra = r.uniform(0.0, c.callback_delay_s) * c.time_scale
+        if early:  # before the generate answer: the client cannot have recorded the task id yet
+            counts["early"] += 1
+            await self._callback_send(task_id, task)
+        if drop:
+            counts["dropped"] += 1
+            return
+        delay = max(0.0, task.finish_at - self.clock())
+        if extra:
+            counts["delayed"] += 1
+        self._callback_at(delay + extra, task_id, task, held)
+        if twice:
+            counts["duplicated"] += 1
+            self._callback_at(delay + extra + r.uniform(0.0, 2.0) * c.time_scale, task_id, task, False)
+
+    def _callback_at(self, delay_s: float, task_id: str, task: Task, held: bool) -> None:
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle
+
+        def due() -> None:
+            self._cb_timers.discard(timer)
+            if self.clock() < task.finish_at:  # a timer may fire a hair early: a notice never precedes its finish
+                self._callback_at(task.finish_at - self.clock(), task_id, task, held)
+                return
+            if held:  # reordered: goes out right after the next notice (or after a while, if none comes)
+                self.stats.callbacks["reordered"] += 1
+                self._cb_held.append((task_id, task))
+                self._cb_timers.add(loop.call_later(5.0 * self.config.time_scale + 0.05, self._callback_release))
+                return
+            self._callback_spawn(task_id, task)
+            self._callback_release()
+
+        timer = loop.call_later(delay_s, due)
+        self._cb_timers.add(timer)
+
+    def _callback_release(self) -> None:
+        held_now, self._cb_held = self._cb_held, []
+        for task_id, task in held_now:
+            self._callback_spawn(task_id, task)
+
+    def _callback_spawn(self, task_id: str, task: Task) -> None:
+        send = asyncio.ensure_future(self._callback_send(task_id, task))
+        self._cb_sends.add(send)
+        send.add_done_callback(self._cb_sends.discard)
+
+    async def _callback_send(self, task_id: str, task: Task) -> None:
+        assert task.callback is not None
+        notice: dict[str, Any] = {"taskId": task_id, "status": "failed" if task.fail_reason else "success", "sentAt": time.time()}
+        if task.fail_reason:
+            notice["failMsg"] = task.fail_reason
+        else:
+            notice["fileURL"] = f"https://{API_HOST}/app/cliprise/status?apiKey={self.config.api_key}&taskId={task_id}&download=true"
+        if self._cb_session is None:
+            self._cb_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10.0))
+        self.stats.callbacks["sent"] += 1
+        try:
+            async with self._cb_session.post(task.callback, json=notice) as resp:
+                await resp.read()
+                self.stats.callbacks["delivered" if 200 <= resp.status < 300 else "refused"] += 1
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            self.stats.callbacks["failed"] += 1
+
+    async def _callbacks_stop(self, app: web.Application) -> None:
+        for timer in self._cb_timers:
+            timer.cancel()
+        self._cb_timers.clear()
+        for send in list(self._cb_sends):
+            send.cancel()
+        await asyncio.gather(*self._cb_sends, return_exceptions=True)
+        if self._cb_session is not None:
+            await self._cb_session.close()
+
 
 MAX_REDIRECTS = 5
 _RATIO = re.compile(r"\d+\s*[:xX]\s*\d+")
@@ -636,6 +750,21 @@ def _shown(url: Any) -> str:
     except ValueError:
         return repr(url[:80])
     return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme and parts.netloc else repr(url[:80])
+
+    # -- callbacks (a timer per task: tasks otherwise finish lazily) ------------------------------
+
+
+def _callback_url_ok(url: Any, *, loopback_only: bool = False) -> bool:
+    """An https URL (or http to a loopback address: the sandbox's allowance for local testing); ``loopback_only``: and loopback."""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+    except ValueError:
+        return False
+    loopback = bool(host) and is_loopback(host)
+    if loopback_only:
+        return loopback and parts.scheme in ("http", "https")
+    return bool(host) and (parts.scheme == "https" or (parts.scheme == "http" and loopback))
 
 
 @asynccontextmanager
