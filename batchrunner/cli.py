@@ -482,13 +482,20 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     async def serve_forever() -> None:
         async with serve(config, host=args.host, port=args.port) as (_, url):
             print(f"sandbox listening on {url} (key: {args.key}); CLIPRISE_BASE_URL={url}", flush=True)
-            await anyio.sleep_forever()
+            await _until_signal()
 
     try:
         anyio.run(serve_forever)
     except KeyboardInterrupt:
         return EXIT_OK
     return EXIT_OK
+
+
+async def _until_signal() -> None:
+    """Serve until SIGINT or SIGTERM, then return, so the server shuts down in order (its cleanup runs, nothing is cut)."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
 
 
 # -- review / approve / reject / export -----------------------------------------------------------
@@ -502,7 +509,7 @@ def cmd_review(args: argparse.Namespace) -> int:
                 "Ctrl-C to stop",
                 flush=True,
             )
-            await anyio.sleep_forever()
+            await _until_signal()
 
     try:
         anyio.run(serve_forever)
