@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import json
@@ -52,7 +53,7 @@ KEEP_PER_JOB = 3  # callbacks kept per job (duplicates are counted, not all kept
 READ_TIMEOUT_S = 5.0  # a body still arriving after this is cut: a slow client holds only itself
 STRETCH_MAX = 4.0  # polls never come later than this many times their normal delay
 RATIO_Q = 0.97  # the first poll aims past this share of the finishes callbacks announced
-TRUST_FULL, TRUST_NONE = 0.04, 0.20  # miss rates at which the stretch is full / off
+TRUST_FULL, TRUST_NONE = 0.04, 0.15  # miss rates at which the stretch is full / off
 CARRIED = 30  # finishes' worth of the last run's reliability a new run starts from
 _INF = float("inf")
 
@@ -209,6 +210,8 @@ class Hub:
         self._seen: set[str] = set()  # jobs that have waited at least once
         self._expired: set[str] = set()  # jobs whose first wait ran out; the next answer tells whether they were running
         self._unannounced: OrderedDict[str, list[bool]] = OrderedDict()  # finished with no callback yet (a late one counts)
+        self._due: dict[str, float] = {}  # when a hinted job's wait would have ended had no callback come
+        self._maturing: list[tuple[float, int, list[bool]]] = []  # announced finishes not yet counted (heap by due time)
         self._kept: Counter[str] = Counter()
         self.ratios: deque[float] = deque(maxlen=200)
         self.announced: deque[list[bool]] = deque(maxlen=100)
@@ -274,6 +277,7 @@ class Hub:
             del self._waiting[job_id]
         if event.is_set():
             self._hinted.add(job_id)
+            self._due[job_id] = start + delay_s
             if first and delay_s > 0:
                 self._learn((anyio.current_time() - start) / delay_s)
         elif first:
@@ -282,16 +286,24 @@ class Hub:
     def finished(self, job_id: str) -> bool:
         """A poll found the job finished: learn whether a callback announced it (True: it finished just before this poll)."""
         announced = job_id in self._hinted or job_id in self._hints
+        due = self._due.pop(job_id, 0.0)
         self._hinted.discard(job_id)
         self._hints.pop(job_id, None)
         self._expired.discard(job_id)
         self._seen.discard(job_id)
         record = [announced]
-        self.announced.append(record)
         self.counts["finished"] += 1
         if announced:
             self.counts["announced"] += 1
+            # Counted only once the poll a callback replaced would have come: a lost callback shows only at a poll, so
+            # counting announced finishes sooner would overrate callbacks early on — and the stretch that follows
+            # would delay the very polls that find the lost ones (a run losing 30 % would stretch itself).
+            if due > anyio.current_time():
+                heapq.heappush(self._maturing, (due, self.counts["finished"], record))
+            else:
+                self.announced.append(record)
         else:
+            self.announced.append(record)
             self._unannounced[job_id] = record
             if len(self._unannounced) > 1000:
                 self._unannounced.popitem(last=False)
@@ -301,6 +313,10 @@ class Hub:
         return announced
 
     def stretch(self) -> float:
+        now = anyio.current_time()
+        while self._maturing and self._maturing[0][0] <= now:
+            self.announced.append(heapq.heappop(self._maturing)[2])
+            self._stretch = None
         if self._stretch is None:
             self._stretch = stretch_factor(self.ratios, (r[0] for r in self.announced))
         return self._stretch

@@ -124,7 +124,7 @@ def test_stretch_only_when_callbacks_come_reliably() -> None:
     assert stretch_factor([50.0] * 20, [True] * 100) == pytest.approx(STRETCH_MAX, rel=0.05)  # never beyond the cap
 
 
-def test_what_a_run_learned_about_callbacks_carries_over_as_a_share(tmp_path: Path) -> None:
+async def test_what_a_run_learned_about_callbacks_carries_over_as_a_share(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
     try:
         for reliable, missed in ((100, 0), (70, 30)):
