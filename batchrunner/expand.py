@@ -42,6 +42,7 @@ from .catalog import STRINGIFIED, Catalog, Model, build_body, check_fields
 from .errors import InputError, ManifestError, Problem
 from .inputs import InputFile, inspect, token
 from .manifest import JobDef, LineDict, Manifest
+from .pipeline import Links, Ref, is_reference
 
 DEFAULT_PATH = "{job_id}.{ext}"
 EXT = "{ext}"  # kept in a spec's path until the downloaded file's real type is known
@@ -86,6 +87,8 @@ class JobSpec:
     vars: dict[str, Any]
     credits: float | None = None
     line: int | None = None
+    step: str | None = None  # the job's id: in the manifest (pipelines)
+    after: tuple[str, ...] = ()  # ids of the upstream jobs whose results it uses (pipelines)
 
 
 @dataclass(slots=True)
@@ -97,6 +100,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     inputs: dict[str, InputFile] = field(default_factory=dict)  # token → local file, for every file: value
     input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value (what a run without storage cites)
+    reference_at: tuple[str, int | None] | None = None  # (file, line) of the first {ID.url} reference (pipelines need storage too)
 
     @property
     def group_var(self) -> str | None:
@@ -158,7 +162,7 @@ class _Templates:
         try:
             parts = []
             for literal, name, spec, conversion in _FORMATTER.parse(text):
-                if name is not None and (not name.isidentifier() or spec or conversion):
+                if name is not None and (not (name.isidentifier() or is_reference(name)) or spec or conversion):
                     return ValueError(f"{{{name}}} is not a plain variable name (write {{{{ for a literal brace)")
                 parts.append((literal, name))
         except ValueError as exc:
@@ -342,6 +346,8 @@ class _Job:
     path_line: int | None
     top: tuple[bool, tuple[str, ...]]  # (crossed with rows, top-level matrix names it uses)
     count: int
+    name: str | None = None  # its id: (pipelines)
+    refs: list[Ref] = field(default_factory=list)  # its references to other jobs' results (pipelines)
 
 
 class _Expansion:
@@ -364,6 +370,9 @@ class _Expansion:
         self.inspected: dict[str, tuple[tuple[int, int] | None, InputFile | InputError]] = {}
         self.inputs: dict[str, InputFile] = {}  # token → file, every local input of the plan
         self.input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value
+        self.links = Links(self)  # pipelines: references between jobs
+        self.reference_at: tuple[str, int | None] | None = None  # (file, line) of the first reference
+        self.key = "model"  # the field being rendered, for a problem's line
 
     def local_inputs(self, value: Any, file: str, line: int | None, where: str) -> Any:
         """``value`` with each ``file:PATH`` string replaced by the file's token (:func:`inputs.token`); a bad file is a problem."""
@@ -448,7 +457,7 @@ class _Expansion:
                 _Job(job, fields, where, variants, job_matrix, job_vars, path_tpl, path_file, path_line, (uses_rows, top_used), count)
             )
         self.lookalike_fields(prepared)
-        return prepared
+        return self.links.link(prepared)
 
     def lookalike_fields(self, prepared: list[_Job]) -> None:
         """Warn once about input fields spelt two ways in one manifest (aspect_ratio, aspectratio)."""
@@ -510,7 +519,6 @@ class _Expansion:
                 {**row, **combo} for row in (manifest.rows if uses_rows else [{}]) for combo in _combos(matrix)
             ]
         job_combos = _combos(job.job_matrix)
-        callback = fields.get("callback_url", manifest.callback_url)
         path_names = templates.names(job.path_tpl)
         named: set[str] = set()
         for top in top_combos:
@@ -518,36 +526,27 @@ class _Expansion:
                 if len(self.problems) >= MAX_PROBLEMS:
                     return
                 env = {**manifest.vars, **top, **jc, **job.job_vars}
-                key = "model"
+                after: list[str] = []
+                self.key = "model"
                 try:
-                    model_name = str(templates.render(fields["model"], env))
-                    model = self.model(model_name, job)
-                    key = "input"
-                    inputs = templates.render(fields.get("input") or {}, env)
-                    if "prompt" in fields:
-                        key = "prompt"
-                        inputs["prompt"] = templates.render(fields["prompt"], env)
-                    stringified = {}
-                    for key in STRINGIFIED:
-                        if key in fields:
-                            value = templates.render(fields[key], env)
-                            stringified[key] = [value] if isinstance(value, str) and key != "options" else value
-                    key = "callback_url"
-                    cb = templates.render(callback, env) if callback else None
-                    if FILE_PREFIX in repr((inputs, stringified)):
-                        inputs = {
-                            k: v if k == "prompt" else self.local_inputs(v, file, fields.line_of("input"), f"{where}.input.{k}")
-                            for k, v in inputs.items()
-                        }
-                        stringified = {k: self.local_inputs(v, file, fields.line_of(k), f"{where}.{k}") for k, v in stringified.items()}
+                    if job.refs:
+                        refs, after = self.links.values(job, env)
+                        if self.reference_at is None and after:
+                            self.reference_at = (file, fields.line_of(job.refs[0].key))
+                        model_name, model, inputs, stringified, cb = self.render_cell(job, {**env, **refs})
+                    else:
+                        model_name, model, inputs, stringified, cb = self.render_cell(job, env)
                 except _Missing as missing:
                     defined = ", ".join(sorted(env)) or "none"
                     self.problem(
-                        file, fields.line_of(key), f"{where}.{key} uses {{{missing.name}}}, which is not defined (defined: {defined})"
+                        file,
+                        fields.line_of(self.key),
+                        f"{where}.{self.key} uses {{{missing.name}}}, which is not defined (defined: {defined})",
                     )
                     continue
                 except ValueError as exc:
-                    self.problem(file, fields.line_of(key), f"{where}.{key}: {exc}")
+                    key = exc.args[1] if len(exc.args) > 1 else self.key
+                    self.problem(file, fields.line_of(key), f"{where}.{key}: {exc.args[0]}")
                     continue
                 if not self.check_prompt(job, inputs):
                     return  # the same problem would repeat for every combination
@@ -567,7 +566,46 @@ class _Expansion:
                     return
                 price = manifest.credits.get(model_name, model.credits if model else None)
                 for variant in range(1, job.variants + 1):
-                    self.add(job, env, model_name, model, body, canon, variant, price, path_names)
+                    self.add(job, env, model_name, model, body, canon, variant, price, path_names, tuple(after))
+
+    def render_cell(self, job: _Job, env: dict[str, Any]) -> tuple[str, Model | None, dict[str, Any], dict[str, Any], Any]:
+        """One cell's model, model fields, stringified fields and callback URL; ``self.key`` names the field being rendered."""
+        templates, fields, file, where = self.templates, job.fields, job.job.file, job.where
+        self.key = "model"
+        model_name = str(templates.render(fields["model"], env))
+        model = self.model(model_name, job)
+        self.key = "input"
+        inputs = templates.render(fields.get("input") or {}, env)
+        if "prompt" in fields:
+            self.key = "prompt"
+            inputs["prompt"] = templates.render(fields["prompt"], env)
+        stringified = {}
+        for key in STRINGIFIED:
+            if key in fields:
+                self.key = key
+                value = templates.render(fields[key], env)
+                stringified[key] = [value] if isinstance(value, str) and key != "options" else value
+        self.key = "callback_url"
+        callback = fields.get("callback_url", self.manifest.callback_url)
+        cb = templates.render(callback, env) if callback else None
+        if FILE_PREFIX in repr((inputs, stringified)):
+            inputs = {
+                k: v if k == "prompt" else self.local_inputs(v, file, fields.line_of("input"), f"{where}.input.{k}")
+                for k, v in inputs.items()
+            }
+            stringified = {k: self.local_inputs(v, file, fields.line_of(k), f"{where}.{k}") for k, v in stringified.items()}
+        return model_name, model, inputs, stringified, cb
+
+    def cell_id(self, job: _Job, env: dict[str, Any], variant: int) -> str:
+        """The id of ``job``'s job for the cell ``env`` and ``variant`` (what a reference to it hashes; see pipeline.py)."""
+        if job.refs:
+            refs, _ = self.links.values(job, env)
+            env = {**env, **refs}
+        model_name, model, inputs, stringified, cb = self.render_cell(job, env)
+        prompt = inputs.get("prompt")
+        if isinstance(prompt, int | float) and not isinstance(prompt, bool):
+            inputs["prompt"] = str(prompt)  # as check_prompt does
+        return job_id(build_body(model_name, bool(model and model.root_only), inputs, stringified, cb), variant)
 
     def check_prompt(self, job: _Job, inputs: dict[str, Any]) -> bool:
         """A prompt is text (a number becomes its text) of at most MAX_PROMPT_BYTES; False after a problem."""
@@ -601,6 +639,7 @@ class _Expansion:
         variant: int,
         price: float | None,
         path_names: set[str],
+        after: tuple[str, ...] = (),
     ) -> None:
         file, where = job.job.file, job.where
         jid = job_id(body, variant, canonical_body=text)
@@ -618,7 +657,9 @@ class _Expansion:
             shown = job.path_tpl if len(job.path_tpl) <= 80 else job.path_tpl[:79] + "…"
             self.problem(job.path_file, job.path_line, f"path {shown!r} {exc}")
             return
-        spec = JobSpec(jid, model_name, model.modality if model else "unknown", body, rel, variant, index, env, price, job.fields.line)
+        spec = JobSpec(
+            jid, model_name, model.modality if model else "unknown", body, rel, variant, index, env, price, job.fields.line, job.name, after
+        )
         twin = self.seen_ids.get(jid)
         if twin is not None:
             self.problem(
@@ -736,4 +777,4 @@ def expand(
             expansion.expand_job(job)
     if expansion.problems:
         raise ManifestError(list(expansion.problems.values()), list(expansion.warnings))
-    return Plan(manifest, expansion.specs, list(expansion.warnings), expansion.inputs, expansion.input_at)
+    return Plan(manifest, expansion.specs, list(expansion.warnings), expansion.inputs, expansion.input_at, expansion.reference_at)

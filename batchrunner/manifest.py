@@ -37,7 +37,9 @@ TOP_KEYS = (
     "version", "name", "output", "path", "concurrency", "rate", "max_credits", "max_jobs", "callback_url",
     "credits", "vars", "matrix", "rows", "defaults", "jobs", "jobs_csv", "storage", "callbacks",
 )  # fmt: skip
-JOB_KEYS = ("model", "prompt", "input", "options", "imageURLList", "videoURLList", "vars", "matrix", "variants", "path", "callback_url")
+JOB_KEYS = (
+    "id", "model", "prompt", "input", "options", "imageURLList", "videoURLList", "vars", "matrix", "variants", "path", "callback_url",
+)  # fmt: skip
 CSV_FIXED = ("model", "prompt", "variants", "path")
 
 # Bounds on what a manifest may make us hold in memory (the README lists them).

@@ -1,0 +1,347 @@
+"""Pipelines: a job that uses another job's result (photo → hero image → cut-out → video).
+
+**Syntax.** A job named with ``id: hero`` can be referred to from any field of another job:
+
+- ``{hero.url}`` — hero's result *for the same matrix cell* (the same value of every var hero
+  varies over). The referring job inherits every dimension of hero it does not set itself
+  (top-level matrix vars, ``rows``, hero's own ``matrix``) and fans out over hero's
+  variants: ``variants: 3`` upstream makes three downstream jobs, told apart by the var
+  ``{hero.variant}``;
+- ``{hero.2.url}`` — pins hero's variant 2 (no fan-out over hero's variants);
+- ``{hero.urls}`` — fan-in: the list of hero's results over every dimension the referring
+  job does not vary over itself, all variants, in manifest order; used alone as a value
+  (``imageURLList: "{hero.urls}"``), it is a list.
+
+**Ids.** A reference is rendered as the token ``batchrunner-result:<upstream job id>`` and
+the job id hashes it like any other value, so ids are known when the manifest is expanded:
+``plan`` counts and prices the whole pipeline, and an edit to an upstream job changes its
+id and so the id of everything downstream — nothing else. The upstream id a cell needs is
+computed from the cell's own values by rendering the upstream job for that cell
+(:meth:`Links.upstream_id`, memoised with a bound), never from a table of every job, so
+expansion may stream. At submit time the runner replaces each token with a freshly
+presigned URL to batchrunner's own stored copy of the upstream result (never the API's
+``fileURL``, which carries the key): :func:`result_ids`, :func:`resolve`.
+
+**Errors** (file:line, before anything is sent): an unknown id, an id given twice (a
+reference to it would be ambiguous), a reference in ``model``/``path``/``callback_url``, a
+circular chain, a pinned variant the upstream does not make, ``{ID.urls}`` inside text, and
+a cell the upstream does not make (cells that do not line up).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .expand import _Expansion, _Job
+
+RESULT_PREFIX = "batchrunner-result:"
+_RESULT = re.compile(re.escape(RESULT_PREFIX) + r"([0-9a-f]{20})")
+REFERENCE = re.compile(r"([A-Za-z_]\w*)\.(?:(\d+)\.)?(url|urls|variant)")
+NO_REFERENCES = ("model", "path", "callback_url", "vars", "matrix", "variants", "id")
+MAX_CACHE = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """One reference as written: ``{name.url}``, ``{name.N.url}``, ``{name.urls}`` or ``{name.variant}``."""
+
+    text: str  # the template name, e.g. "hero.url"
+    upstream: str
+    pin: int | None
+    attr: str  # url | urls | variant
+    key: str  # the job field it was written in (for the line)
+
+
+def is_reference(name: str) -> bool:
+    return REFERENCE.fullmatch(name) is not None
+
+
+def result_token(job_id: str) -> str:
+    """What a job's body holds in place of an upstream result until it is sent."""
+    return RESULT_PREFIX + job_id
+
+
+def result_ids(body: Any) -> list[str]:
+    """The upstream job ids a body refers to, in order, each once."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    return list(dict.fromkeys(_RESULT.findall(text))) if RESULT_PREFIX in text else []
+
+
+def resolve(body: Any, urls: Mapping[str, str]) -> Any:
+    """``body`` with each result token replaced by ``urls[upstream id]`` (JSON-escaped inside a stringified field)."""
+    if isinstance(body, str):
+        if RESULT_PREFIX not in body:
+            return body
+        return _RESULT.sub(lambda m: json.dumps(urls[m[1]])[1:-1], body)
+    if isinstance(body, dict):
+        return {k: resolve(v, urls) for k, v in body.items()}
+    if isinstance(body, list):
+        return [resolve(v, urls) for v in body]
+    return body
+
+
+def _names(value: Any) -> Iterator[str]:
+    """Every ``{name}`` of a template value, without compiling it (references only are wanted)."""
+    if isinstance(value, str):
+        if "{" in value:
+            yield from re.findall(r"(?<!\{)\{([^{}]*)\}", value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _names(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _names(v)
+
+
+def _lone(value: Any, text: str) -> bool:
+    """Whether ``{text}`` appears only as a whole value (so it keeps a list's type)."""
+    if isinstance(value, str):
+        return "{" + text + "}" not in value or value == "{" + text + "}"
+    if isinstance(value, dict):
+        return all(_lone(v, text) for v in value.values())
+    if isinstance(value, list):
+        return all(_lone(v, text) for v in value)
+    return True
+
+
+class Links:
+    """The references of one expansion: which job each job uses, the dimensions it inherits, the upstream ids per cell."""
+
+    def __init__(self, expansion: _Expansion) -> None:
+        self.x = expansion
+        self.by_name: dict[str, _Job] = {}
+        self.cache: dict[tuple[str, str, int], str] = {}
+        self.active = False
+        self.broken: set[int] = set()  # id() of jobs with a problem in their id or references: not expanded
+
+    # -- linking: before anything is built ------------------------------------------------------
+    def link(self, prepared: list[_Job]) -> list[_Job]:
+        """Name the jobs, parse their references, refuse bad ones, inherit dimensions; returns the jobs still usable."""
+        x = self.x
+        for job in prepared:
+            name = job.fields.get("id")
+            if name is None:
+                continue
+            line = job.fields.line_of("id")
+            if not isinstance(name, str) or not name.isidentifier():
+                x.problem(job.job.file, line, f"{job.where}.id: must be a name of letters, digits and _ (such as hero), not {name!r}")
+                self.broken.add(id(job))
+                continue
+            twin = self.by_name.get(name)
+            if twin is not None:
+                x.problem(
+                    job.job.file,
+                    line,
+                    f"{job.where}.id: {name!r} is also the id of {twin.where} (line {twin.fields.line}) — a reference "
+                    f"{{{name}.url}} would be ambiguous; give each job its own id",
+                )
+                self.broken.add(id(job))
+                continue
+            self.by_name[name] = job
+            job.name = name
+        for job in prepared:
+            job.refs = self._refs(job)
+        ordered = self._order(prepared)
+        usable = []
+        for job in ordered:
+            if id(job) in self.broken or any(id(self.by_name[r.upstream]) in self.broken for r in job.refs):
+                self.broken.add(id(job))  # its own problem is reported; its dependents would only repeat it
+                continue
+            self._inherit(job)
+            usable.append(job)
+        self.active = any(job.refs for job in usable)
+        return [job for job in prepared if id(job) not in self.broken]
+
+    def _refs(self, job: _Job) -> list[Ref]:
+        x, refs = self.x, []
+        for key, value in job.fields.items():
+            for text in dict.fromkeys(_names(value)):
+                m = REFERENCE.fullmatch(text)
+                if m is None:
+                    continue
+                upstream, pin, attr = m[1], int(m[2]) if m[2] else None, m[3]
+                line = job.fields.line_of(key)
+                if upstream not in self.by_name:
+                    known = list(self.by_name)
+                    close = difflib.get_close_matches(upstream, known, n=1, cutoff=0.6)
+                    hint = f"did you mean {{{close[0]}.{attr}}}?" if close else (
+                        f"the jobs with an id: {', '.join(known)}" if known else "no job has an id: add 'id: NAME' to the job it means"
+                    )  # fmt: skip
+                    x.problem(job.job.file, line, f"{job.where}.{key} refers to {{{text}}}, but no job has id {upstream!r} — {hint}")
+                    self.broken.add(id(job))
+                    continue
+                if key in NO_REFERENCES and not (attr == "variant" and key == "path"):
+                    x.problem(
+                        job.job.file,
+                        line,
+                        f"{job.where}.{key}: {{{text}}} is a reference to another job's result — references go in input "
+                        "fields (input, prompt, options, imageURLList, videoURLList)",
+                    )
+                    self.broken.add(id(job))
+                    continue
+                if attr == "variant" and pin is not None:
+                    x.problem(job.job.file, line, f"{job.where}.{key}: write {{{upstream}.variant}}, not {{{text}}}")
+                    self.broken.add(id(job))
+                    continue
+                if attr == "urls" and (pin is not None or not _lone(value, text)):
+                    x.problem(
+                        job.job.file,
+                        line,
+                        f"{job.where}.{key}: {{{text}}} is a list of results: use {{{upstream}.urls}} alone as a value "
+                        f'(imageURLList: "{{{upstream}.urls}}"), or {{{upstream}.url}} for one result',
+                    )
+                    self.broken.add(id(job))
+                    continue
+                up = self.by_name[upstream]
+                if pin is not None and not 1 <= pin <= up.variants:
+                    x.problem(
+                        job.job.file,
+                        line,
+                        f"{job.where}.{key}: {{{text}}} pins variant {pin}, but {upstream} makes variants 1–{up.variants} — "
+                        f"use one of those, or {{{upstream}.url}} for every variant",
+                    )
+                    self.broken.add(id(job))
+                    continue
+                refs.append(Ref(text, upstream, pin, attr, key))
+        return refs
+
+    def _order(self, prepared: list[_Job]) -> list[_Job]:
+        """The jobs, upstream before downstream; a circular chain is a problem (its jobs are left out)."""
+        x, done, out = self.x, set(), []
+        state: dict[int, int] = {}
+
+        def visit(job: _Job, path: list[_Job]) -> bool:
+            if state.get(id(job)) == 2:
+                return True
+            if state.get(id(job)) == 1:
+                loop = [*path[path.index(job) :], job]
+                chain = " → ".join(f"{j.name or j.where}" for j in loop)
+                x.problem(
+                    job.job.file,
+                    job.fields.line_of("id"),
+                    f"{job.where}: circular references ({chain}) — a job cannot use its own result, directly or through others",
+                )
+                return False
+            state[id(job)] = 1
+            ok = True
+            for ref in job.refs:
+                if ref.attr != "variant":
+                    ok = visit(self.by_name[ref.upstream], [*path, job]) and ok
+            state[id(job)] = 2
+            if ok:
+                out.append(job)
+                done.add(id(job))
+            else:
+                self.broken.add(id(job))
+            return ok
+
+        for job in prepared:
+            visit(job, [])
+        return out
+
+    def _inherit(self, job: _Job) -> None:
+        """A job using ``{U.url}`` varies over everything U varies over that it does not set itself, and over U's variants."""
+        if not any(ref.attr == "url" for ref in job.refs):
+            return
+        manifest = self.x.manifest
+        own = set(job.job_vars) | set(job.job_matrix)
+        uses_rows, top_used = job.top
+        top = set(top_used)
+        for ref in job.refs:
+            if ref.attr != "url":
+                continue
+            up = self.by_name[ref.upstream]
+            if ref.pin is None and f"{up.name}.variant" not in own:
+                job.job_matrix.setdefault(f"{up.name}.variant", list(range(1, up.variants + 1)))
+            for name, values in up.job_matrix.items():
+                if name not in own:
+                    job.job_matrix.setdefault(name, values)
+            uses_rows = uses_rows or up.top[0]
+            top |= {name for name in up.top[1] if name not in own}
+        job.top = (uses_rows, tuple(name for name in manifest.matrix if name in top))
+        count = (len(manifest.rows) if uses_rows else 1) * job.variants
+        for name in job.top[1]:
+            count *= len(manifest.matrix[name])
+        for values in job.job_matrix.values():
+            count *= len(values)
+        job.count = count
+
+    # -- expanding: one cell at a time ----------------------------------------------------------
+    def values(self, job: _Job, env: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The reference values a cell of ``job`` renders with (tokens, lists of tokens), and its upstream ids.
+
+        Raises ValueError (with the field in ``.args[1]``) when the cell's values are not a
+        cell the upstream makes.
+        """
+        found: dict[str, Any] = {}
+        after: list[str] = []
+        for ref in job.refs:
+            if ref.attr == "variant" or ref.text in found:
+                continue
+            up = self.by_name[ref.upstream]
+            if ref.attr == "url":
+                variant = ref.pin if ref.pin is not None else int(env[f"{up.name}.variant"])
+                uid = self.upstream_id(up, env, variant, job, ref)
+                found[ref.text] = result_token(uid)
+                after.append(uid)
+            else:
+                ids = [self.upstream_id(up, cell, v, job, ref) for cell in self._cells(job, up, env) for v in range(1, up.variants + 1)]
+                found[ref.text] = [result_token(i) for i in ids]
+                after.extend(ids)
+        return found, list(dict.fromkeys(after))
+
+    def _cells(self, job: _Job, up: _Job, env: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """For ``{U.urls}``: the cell ``env`` with every dimension of U that ``job`` does not vary over taken in turn."""
+        from .expand import _combos
+
+        manifest = self.x.manifest
+        bound = set(job.top[1]) | set(job.job_matrix) | set(job.job_vars)
+        free = {name: manifest.matrix[name] for name in up.top[1] if name not in bound}
+        free |= {name: values for name, values in up.job_matrix.items() if name not in bound}
+        rows: list[dict[str, Any]] = manifest.rows if up.top[0] and not job.top[0] else [{}]
+        for row in rows:
+            for combo in _combos(free):
+                yield {**env, **row, **combo}
+
+    def upstream_id(self, up: _Job, env: dict[str, Any], variant: int, job: _Job, ref: Ref) -> str:
+        """The id of ``up``'s job for the cell ``env`` (of ``job``) and ``variant``: ``up`` rendered for that cell."""
+        manifest = self.x.manifest
+        cell: dict[str, Any] = dict(manifest.vars)
+        if up.top[0]:
+            cell.update({name: env[name] for name in manifest.rows[0] if name in env})
+        for name in up.top[1]:
+            self._aligned(job, ref, up, name, env, manifest.matrix[name])
+            cell[name] = env[name]
+        for name, values in up.job_matrix.items():
+            self._aligned(job, ref, up, name, env, values)
+            cell[name] = env[name]
+        cell.update(up.job_vars)
+        key = (up.where, repr(sorted(cell.items(), key=lambda kv: kv[0])), variant)
+        hit = self.cache.get(key)
+        if hit is None:
+            if len(self.cache) >= MAX_CACHE:
+                self.cache.clear()
+            hit = self.cache[key] = self.x.cell_id(up, cell, variant)
+        return hit
+
+    @staticmethod
+    def _aligned(job: _Job, ref: Ref, up: _Job, name: str, env: dict[str, Any], values: list[Any]) -> None:
+        if name not in env:
+            raise ValueError(
+                f"{{{ref.text}}}: {up.name} varies over {name}, which this job does not — set {name} in its vars or matrix, "
+                f"or take every {name} with {{{up.name}.urls}}",
+                ref.key,
+            )
+        if env[name] not in values:
+            shown = ", ".join(str(v) for v in values)
+            raise ValueError(
+                f"{{{ref.text}}}: this job's cell has {name}={env[name]!r}, but {up.name} makes {name} = {shown} only — "
+                f"the cells do not line up; use values {up.name} makes, or pin one with vars",
+                ref.key,
+            )
