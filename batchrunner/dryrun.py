@@ -208,14 +208,15 @@ def _check_storage(plan: Plan | None, config: RunConfig) -> None:
     """Refuse (as bad input) ``file:`` inputs with nowhere to upload them, and no local copies with nowhere else to keep results."""
     if plan is None:
         return
-    if plan.input_at is not None and config.storage_url is None and config.backend != "sandbox":
-        file, line = plan.input_at
+    if (plan.input_at or plan.reference_at) is not None and config.storage_url is None and config.backend != "sandbox":
+        file, line = plan.input_at or plan.reference_at  # type: ignore[misc]
+        what = "file: inputs" if plan.input_at else "other jobs' results ({ID.url})"
         raise ManifestError(
             [
                 Problem(
                     file,
                     line,
-                    "file: inputs need object storage the API can fetch them from: add 'storage: {url: s3://bucket/prefix}' to the "
+                    f"{what} need object storage the API can fetch them from: add 'storage: {{url: s3://bucket/prefix}}' to the "
                     "manifest, pass --storage s3://bucket/prefix, or set BATCHRUNNER_STORAGE (credentials from AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY); --sandbox serves them itself",
                 )

@@ -33,12 +33,16 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 if TYPE_CHECKING:
     from .expand import _Expansion, _Job
+    from .store import Job, Store
 
 RESULT_PREFIX = "batchrunner-result:"
 _RESULT = re.compile(re.escape(RESULT_PREFIX) + r"([0-9a-f]{20})")
@@ -345,3 +349,62 @@ class Links:
                 f"the cells do not line up; use values {up.name} makes, or pin one with vars",
                 ref.key,
             )
+
+
+class Flow:
+    """The runner's work list once jobs wait for others: jobs whose inputs just became ready first, then the stored work.
+
+    The runner takes a slot (``concurrency`` bounds jobs in flight across every step), then
+    the next job from :meth:`feed`; when there is none but jobs are still running, the feed
+    waits for one of them to finish (a done job may release its dependents, see
+    :meth:`Store.release`). A job released during the run is skipped when the stored work
+    list reaches it (its page may have been read before it was released).
+    """
+
+    def __init__(self, store: Store, on_event: Callable[[str, Job | None, str], None]) -> None:
+        self.store, self.on_event = store, on_event
+        self.ready: deque[Job] = deque()
+        self.released: set[str] = set()
+        self.running = 0
+        self._wake = anyio.Event()
+
+    def started(self) -> None:
+        self.running += 1
+
+    def finished(self) -> None:
+        self.running -= 1
+        self._wake.set()
+
+    def done(self, job: Job) -> None:
+        """``job`` is done: its dependents whose inputs are all done now run, before anything else."""
+        for dependent in self.store.release(job):
+            self.released.add(dependent.id)
+            self.ready.append(dependent)
+            self.on_event("ready", dependent, f"its inputs are done (the last: {job.id})")
+        self._wake.set()
+
+    def failed(self, job: Job) -> None:
+        """``job`` failed: every job waiting for it fails, unsent and unpaid."""
+        for dependent, reason in self.store.fail_dependents(job):
+            self.on_event("failed", dependent, reason)
+
+    async def feed(self, work: Iterable[Job], slots: anyio.Semaphore) -> AsyncIterator[Job]:
+        """Each job to run, once a slot is held for it (the caller releases the slot when the job ends)."""
+        stored = iter(work)
+        while True:
+            await slots.acquire()
+            while True:
+                if self.ready:
+                    yield self.ready.popleft()
+                    break
+                job = next(stored, None)
+                while job is not None and job.id in self.released:
+                    job = next(stored, None)
+                if job is not None:
+                    yield job
+                    break
+                if self.running == 0:
+                    slots.release()
+                    return
+                self._wake = anyio.Event()
+                await self._wake.wait()

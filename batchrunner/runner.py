@@ -59,7 +59,9 @@ from .errors import (
     Unreachable,
 )
 from .expand import Plan
-from .inputs import TOKEN_PREFIX, Inputs, LoopbackStorage, resolve, tokens
+from .inputs import TOKEN_PREFIX, InputFile, Inputs, LoopbackStorage, resolve, tokens
+from .pipeline import Flow, result_ids, result_token
+from .pipeline import resolve as resolve_results
 from .storage import SIDECAR, Storage, complete, open_storage
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
 
@@ -273,6 +275,7 @@ class Runner:
             deadline_s=config.download_deadline_s, min_rate_bps=config.download_min_rate_bps, window_s=config.download_rate_window_s
         )
         self.callbacks = callbacks
+        self.flow = Flow(store, self.on_event)  # pipelines: jobs released when their inputs are done
 
     async def run(self, jobs: Iterable[Job]) -> None:
         self._finisher = Finisher(self.config.out_dir)
@@ -282,11 +285,11 @@ class Runner:
                 outer.start_soon(self._ticker)
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
-                    for job in jobs:
-                        await self._slots.acquire()
+                    async for job in self.flow.feed(jobs, self._slots):  # a slot is held for each job
                         if self.stop_reason is not None:
                             self._slots.release()
                             break
+                        self.flow.started()
                         tg.start_soon(self._job, job)
                 outer.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # a job's own error (the state file cannot be written…): plainly, not as a group
@@ -404,10 +407,12 @@ class Runner:
             self._fail(job, f"gave up after {self.config.retries} retries: {exc.message}", REPOLL if job.task_id else RESUBMIT)
         finally:
             self._slots.release()
+            self.flow.finished()
 
     def _fail(self, job: Job, reason: str, retryable: int, **counters: int) -> None:
         self.store.transition(job, JobState.FAILED, event=reason, error=reason, retryable=retryable, finished_at=self.clock(), **counters)
         self.on_event("failed", job, reason)
+        self.flow.failed(job)
 
     async def _submit(self, job: Job) -> bool:
         """Pending → submitted. False when the run stops before this job could be sent."""
@@ -502,12 +507,39 @@ class Runner:
     async def _body(self, job: Job) -> tuple[dict[str, Any], dict[str, str]]:
         """The body to send, each local input's token replaced by a freshly presigned URL (the state keeps the tokens); the URLs."""
         names = tokens(job.body)
-        if not names:
+        upstream = result_ids(job.body)
+        if not names and not upstream:
             return job.body, {}
-        if self.inputs is None:
-            raise StorageError("this job sends local files (file: inputs) but no storage is configured — pass --storage s3://bucket/prefix")
-        urls = {name: await self.inputs.storage.presign(self._input_key(name), self.inputs.lifetime_s) for name in names}
-        return dict(resolve(job.body, urls)), urls
+        if self.inputs is None and (names or self.results is None):
+            raise StorageError(
+                "this job sends local files (file: inputs) or other jobs' results but no storage is configured — pass --storage s3://bucket/prefix"
+            )
+        urls = {}
+        if names:
+            assert self.inputs is not None
+            urls = {name: await self.inputs.storage.presign(self._input_key(name), self.inputs.lifetime_s) for name in names}
+        body = dict(resolve(job.body, urls)) if urls else job.body
+        if upstream:
+            results = {uid: await self._result_url(uid) for uid in upstream}
+            body = dict(resolve_results(body, results))
+            urls |= {result_token(uid): url for uid, url in results.items()}
+        return body, urls
+
+    async def _result_url(self, job_id: str) -> str:
+        """A freshly presigned URL to our own stored copy of an upstream job's result (never the API's fileURL: it carries the key).
+
+        In the bucket when results are kept there; otherwise the local result is put once
+        (content-addressed) in the input store — with --sandbox the loopback one — and signed.
+        """
+        found = self.store.result_of(job_id)
+        if found is None:
+            raise StorageError(f"input {job_id} is not done (its result was deleted or rejected since) — run again to remake it first")
+        rel, sha256, size = found
+        if self.results is not None:
+            return await self.results.presign(rel, self.config.url_lifetime_s)
+        assert self.inputs is not None
+        file = InputFile(self.config.out_dir / rel, sha256, size, rel.rsplit(".", 1)[-1].lower())
+        return await self.inputs.url(file)
 
     def _input_key(self, name: str) -> str:
         assert self.inputs is not None
@@ -621,6 +653,7 @@ class Runner:
             **stored,
         )
         self.on_event("done", job, fetched.path)
+        self.flow.done(job)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -721,6 +754,7 @@ async def _campaign(
             inputs, results, remote = await _storages(plan, config, store, stack)
             found = store.recover(remote)
             store.reset_failed(retryable_only=not config.retry_failed)
+            store.settle()  # pipelines: jobs whose inputs are not done wait; those whose input failed fail
             if inputs is not None and plan is not None and plan.inputs:  # before the first submit: every pending job's files, once
                 wanted = {t for job in store.work() if job.state == JobState.PENDING for t in tokens(job.body)}
                 uploaded = await inputs.prepare([plan.inputs[t] for t in sorted(wanted) if t in plan.inputs])
@@ -812,7 +846,8 @@ async def _storages(
         await storage.check()
         listing = await storage.list("")
         return Inputs(storage, lifetime_s=config.url_lifetime_s, prefix=INPUTS_PREFIX), storage, complete(listing)
-    if config.backend == "sandbox" and (plan is None or plan.inputs):  # no cloud: inputs served from the output folder on loopback
+    # no cloud: inputs (pipelines: upstream results too) served from the output folder on loopback
+    if config.backend == "sandbox" and (plan is None or plan.inputs or plan.reference_at):
         loopback = await stack.enter_async_context(LoopbackStorage(config.out_dir / ".batchrunner" / "inputs"))
         return Inputs(loopback, lifetime_s=config.url_lifetime_s, prefix=""), None, None
     return None, None, None

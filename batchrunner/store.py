@@ -64,6 +64,7 @@ __all__ = ["STATE_DIR", "JobState", "Rebuilt", "Store", "peek", "rebuild"]
 
 class JobState(StrEnum):
     PENDING = "pending"
+    WAITING = "waiting"  # pipelines: its inputs (other jobs' results) are not all done yet
     SUBMITTING = "submitting"
     SUBMITTED = "submitted"
     DONE = "done"
@@ -76,8 +77,9 @@ TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
     S.SUBMITTING: (S.PENDING,),
     S.SUBMITTED: (S.SUBMITTING, S.FAILED),  # a retry that re-polls its task
     S.DONE: (S.SUBMITTED,),  # the result file is in place (a download cut short leaves the job submitted)
-    S.PENDING: (S.SUBMITTING, S.SUBMITTED, S.FAILED, S.DONE),  # not sent / task lost / retry / file gone
-    S.FAILED: (S.PENDING, S.SUBMITTING, S.SUBMITTED),
+    S.PENDING: (S.SUBMITTING, S.SUBMITTED, S.FAILED, S.DONE, S.WAITING),  # not sent / task lost / retry / file gone / inputs ready
+    S.FAILED: (S.PENDING, S.SUBMITTING, S.SUBMITTED, S.WAITING),  # … / an input failed
+    S.WAITING: (S.PENDING, S.FAILED, S.DONE),  # an input not done (yet, or again: remade)
 }
 
 MIGRATIONS = (
@@ -118,6 +120,10 @@ MIGRATIONS = (
     "CREATE INDEX jobs_by_review ON jobs (review) WHERE review IS NOT NULL;",
     # 5: object storage — when a done job's result and sidecar were stored whole in the bucket (storage.url)
     "ALTER TABLE jobs ADD COLUMN stored_at REAL;",
+    # 6: pipelines — which jobs' results a job uses, both by the id the manifest knows them by
+    # (a retaken job keeps it in ``origin``); see batchrunner/pipeline.py
+    "CREATE TABLE needs (job TEXT NOT NULL, upstream TEXT NOT NULL, PRIMARY KEY (job, upstream)) WITHOUT ROWID; "
+    "CREATE INDEX needs_by_upstream ON needs (upstream);",
 )
 
 # fields whose new value is added to the old one rather than replacing it: ``transition(job, to, sends=1)`` counts one more
@@ -311,9 +317,20 @@ class Store:
         with self._sql() as conn, conn:
             conn.execute("BEGIN")
             conn.execute("CREATE TEMP TABLE incoming (id TEXT, idx INTEGER, model TEXT, modality TEXT, spec TEXT, credits REAL)")
-            conn.executemany(
-                "INSERT INTO incoming VALUES (?,?,?,?,?,?)", ((s.id, s.index, s.model, s.modality, _spec_json(s), s.credits) for s in specs)
-            )
+            linked: list[bool] = []  # pipelines: whether any job uses another's result
+
+            def rows() -> Iterator[tuple[Any, ...]]:
+                for s in specs:
+                    if s.after and not linked:
+                        linked.append(True)
+                    yield (s.id, s.index, s.model, s.modality, _spec_json(s), s.credits)
+
+            conn.executemany("INSERT INTO incoming VALUES (?,?,?,?,?,?)", rows())
+            if linked:
+                conn.execute(
+                    "INSERT OR IGNORE INTO needs SELECT i.id, a.value FROM incoming i, json_each(i.spec, '$.after') a "
+                    "WHERE json_type(i.spec, '$.after') = 'array'"
+                )
             if conn.execute("SELECT 1 FROM jobs WHERE origin IS NOT NULL LIMIT 1").fetchone():  # retaken jobs: see retake_rejected
                 conn.execute("UPDATE incoming SET id = j.id FROM jobs j WHERE j.origin = incoming.id")
             known: dict[str, int] = {}
@@ -436,11 +453,77 @@ class Store:
                     ).fetchall()
                 if not rows:
                     break
-                for r in rows:
-                    spec = json.loads(r[3])
-                    body, path, variables, variant = spec["body"], spec["path"], spec["vars"], spec.get("variant")
-                    yield Job(r[0], r[1], r[2], body, path, variables, S(r[4]), r[5], r[6], r[7], None, variant)
+                yield from map(_job_of, rows)
                 after = rows[-1][8]
+
+    # -- pipelines: jobs that wait for other jobs' results (see batchrunner/pipeline.py) -------
+    def settle(self) -> dict[str, int]:
+        """Before a run: each job whose inputs are not all done waits (a done one is remade), a waiting job whose inputs
+        are done is pending, and one whose input failed fails ("input <path> failed": not sent, not paid)."""
+        self.flush()
+        with self._sql() as conn:
+            if conn.execute("SELECT 1 FROM needs LIMIT 1").fetchone() is None:
+                return {}
+        now, found = self.clock(), {"waiting": 0, "remade": 0, "failed": 0}
+        with self._sql() as conn, conn:
+            conn.execute("BEGIN")
+            while True:  # a remade job's own dependents are remade too
+                n = conn.execute(
+                    f"UPDATE jobs SET state = 'waiting', path = NULL, sha256 = NULL, bytes = NULL, stored_at = NULL, updated_at = ? "
+                    f"WHERE state = 'done' AND in_manifest = 1 AND {_UNREADY}",
+                    (now,),
+                ).rowcount
+                found["remade"] += n
+                if not n:
+                    break
+            found["waiting"] = conn.execute(
+                f"UPDATE jobs SET state = 'waiting', updated_at = ? WHERE state = 'pending' AND in_manifest = 1 AND {_UNREADY}", (now,)
+            ).rowcount
+            conn.execute(f"UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'waiting' AND NOT {_UNREADY}", (now,))
+        for r in self._conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs u WHERE state = 'failed' AND {_HAS_WAITING}").fetchall():
+            found["failed"] += len(self.fail_dependents(_job_of(r)))
+        self.flush()
+        return found
+
+    def release(self, job: Job) -> list[Job]:
+        """``job`` is done: its waiting dependents whose inputs are now all done become pending (in the open batch); returns them."""
+        rows = self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'waiting' AND coalesce(origin, id) IN "
+            "(SELECT n.job FROM needs n, jobs u WHERE u.id = ? AND n.upstream = coalesce(u.origin, u.id)) "
+            f"AND NOT {_UNREADY} ORDER BY idx",
+            (job.id,),
+        ).fetchall()
+        ready = [_job_of(r) for r in rows]
+        for dependent in ready:
+            self.transition(dependent, S.PENDING)
+        return ready
+
+    def fail_dependents(self, job: Job) -> list[tuple[Job, str]]:
+        """``job`` failed: every job waiting for it, directly or not, fails too (in the open batch), unsent and unpaid."""
+        failed, todo = [], [job]
+        while todo:
+            upstream = todo.pop()
+            reason = f"input {upstream.path.replace('.{ext}', '')} failed"
+            rows = self._conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'waiting' AND coalesce(origin, id) IN "
+                "(SELECT n.job FROM needs n, jobs u WHERE u.id = ? AND n.upstream = coalesce(u.origin, u.id)) ORDER BY idx",
+                (upstream.id,),
+            ).fetchall()
+            for r in rows:
+                dependent = _job_of(r)
+                self.transition(dependent, S.FAILED, event=reason, error=reason, retryable=RESUBMIT, finished_at=self.clock())
+                failed.append((dependent, reason))
+                todo.append(dependent)
+        return failed
+
+    def result_of(self, job_id: str) -> tuple[str, str, int] | None:
+        """(path, sha256, bytes) of the finished result of the job the manifest knows as ``job_id``; None when it is not done."""
+        with self._sql() as conn:
+            row = conn.execute(
+                "SELECT path, sha256, bytes FROM jobs WHERE (id = ? OR origin = ?) AND state = 'done' AND path IS NOT NULL",
+                (job_id, job_id),
+            ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), int(row[2]))
 
     def transition(self, job: Job, to: JobState, *, event: str | None = None, **fields: Any) -> None:
         """Move ``job`` to ``to`` (setting ``fields``) in the open batch; refuses a move :data:`TRANSITIONS` does not allow.
@@ -1241,7 +1324,28 @@ def rebuild(out_dir: Path, *, clock: Callable[[], float] = time.time) -> Rebuilt
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"), default=str).encode
+_JOB_COLUMNS = "id, model, modality, spec, state, task_id, credits, submitted_at, idx"
+# a job (``jobs``) with an input that is not done
+_UNREADY = (
+    "EXISTS (SELECT 1 FROM needs n WHERE n.job = coalesce(jobs.origin, jobs.id) AND NOT EXISTS "
+    "(SELECT 1 FROM jobs u WHERE (u.id = n.upstream OR u.origin = n.upstream) AND u.state = 'done'))"
+)
+# a job (``u``) that a waiting job uses
+_HAS_WAITING = (
+    "EXISTS (SELECT 1 FROM needs n, jobs d WHERE n.upstream = coalesce(u.origin, u.id) AND d.state = 'waiting' "
+    "AND (d.id = n.job OR d.origin = n.job))"
+)
+
+
+def _job_of(r: Any) -> Job:
+    spec = json.loads(r[3])
+    return Job(r[0], r[1], r[2], spec["body"], spec["path"], spec["vars"], S(r[4]), r[5], r[6], r[7], None, spec.get("variant"))
 
 
 def _spec_json(spec: JobSpec) -> str:
-    return _COMPACT({"body": spec.body, "path": spec.path, "variant": spec.variant, "vars": spec.vars})
+    kept: dict[str, Any] = {"body": spec.body, "path": spec.path, "variant": spec.variant, "vars": spec.vars}
+    if spec.step is not None:
+        kept["step"] = spec.step
+    if spec.after:
+        kept["after"] = list(spec.after)
+    return _COMPACT(kept)
