@@ -379,9 +379,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"campaign": st.campaign, "counts": st.counts, **totals, "requests": st.requests, "failed": failed}, indent=2))
         return EXIT_OK
     print(f"{st.campaign}: {st.jobs} jobs in {args.dir} ({st.runs} runs)")
-    for state in ("done", "failed", "submitted", "submitting", "pending"):
+    for state in ("done", "failed", "submitted", "submitting", "pending", "waiting"):
         if st.counts.get(state):
-            print(f"  {state:<12} {st.counts[state]}")
+            print(f"  {state:<12} {st.counts[state]}" + ("  (for other jobs' results: pipelines)" if state == "waiting" else ""))
     r = st.requests
     print(f"  credits spent {st.credits_spent:g}")
     print(

@@ -287,6 +287,7 @@ _WAITING = {
     "pending": "not made yet — run the same command again",
     "submitting": "being submitted",
     "submitted": "submitted; waiting for its result — run the same command again to collect it",
+    "waiting": "waiting for its inputs (other jobs' results) — it runs once they are done",
 }
 
 

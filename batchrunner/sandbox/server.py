@@ -106,6 +106,7 @@ class SandboxConfig:
     time_scale: float = 1.0
     durations_s: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(DEFAULT_DURATIONS_S))
     failure_rate: float = 0.0
+    fail_prompts: tuple[str, ...] = ()  # a task whose prompt contains one of these texts fails (tests pick which job fails)
     p_429: float = 0.0
     retry_after: str = "seconds"  # seconds | date | none
     retry_after_s: float = 1.0
@@ -409,6 +410,8 @@ class Sandbox:
         median, sigma = self.config.durations_s.get(modality, (10.0, 0.3))
         duration = self.rng.lognormvariate(math.log(median), sigma) * self.config.time_scale
         fail = "content policy violation: the prompt was rejected" if self.rng.random() < self.config.failure_rate else None
+        if any(text in prompt for text in self.config.fail_prompts):
+            fail = "content policy violation: the prompt was rejected"
         now = self.clock()
         task = self.tasks[task_id] = Task(
             str(body["model"]), modality, prompt, now, now + duration, fail, inputs=inputs, aspect_ratio=_aspect(body)

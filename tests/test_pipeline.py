@@ -1,0 +1,221 @@
+"""Pipelines: references between jobs, expanded, run, failed, retried, killed and resumed on the real sandbox."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchrunner.catalog import load_catalog
+from batchrunner.errors import ManifestError
+from batchrunner.expand import JobSpec, Plan, expand, job_id
+from batchrunner.manifest import load
+from batchrunner.pipeline import RESULT_PREFIX, result_ids
+from batchrunner.runner import RunConfig, run_campaign
+from batchrunner.sandbox import SandboxConfig, serve
+from batchrunner.store import Store
+
+from .conftest import S3Server, cli, make_png, sandbox_process
+
+KEY = "sk-pipeline-test-5e1d"
+FAST = {"image": 0.01, "video": 0.05, "audio": 0.02, "unknown": 0.02}
+
+CHAIN = """\
+name: chain
+matrix: {product: [lamp, chair], ratio: ["1:1", "9:16"]}
+path: "{product}/{ratio}/{step}.{ext}"
+jobs:
+  - id: hero
+    vars: {step: hero}
+    model: flux-2
+    prompt: "{product} on oak, soft daylight"
+    input: {aspect_ratio: "{ratio}"}
+  - id: cutout
+    vars: {step: cutout}
+    model: recraft-remove-bg
+    input: {image_url: "{hero.url}"}
+  - vars: {step: video}
+    model: kling-video-turbo
+    input: {prompt: "{product} turning slowly", image_url: "{cutout.url}", duration: "5"}
+"""
+
+
+def plan_of(path: Path) -> Plan:
+    return expand(load(path), load_catalog()[0])
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ManifestError) as caught:
+        plan_of(path)
+    return [str(p) for p in caught.value.problems]
+
+
+def by(plan: Plan, model: str) -> list[JobSpec]:
+    return [s for s in plan.specs if s.model == model]
+
+
+def cell(spec: JobSpec) -> tuple[Any, ...]:
+    return (spec.vars.get("product"), spec.vars.get("ratio"))
+
+
+def cfg(out: Path, **kw: object) -> RunConfig:
+    defaults: dict[str, object] = {
+        "concurrency": 4, "expected_s": FAST, "backoff_base_s": 0.01, "backoff_cap_s": 0.05, "poll_cap_s": 0.05, "backend": "sandbox",
+    }  # fmt: skip
+    return RunConfig(out_dir=out, **{**defaults, **kw})  # type: ignore[arg-type]
+
+
+def sandbox(**kw: object) -> SandboxConfig:
+    return SandboxConfig(**{"api_key": KEY, "time_scale": 0.001, **kw})  # type: ignore[arg-type]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- expansion ------------------------------------------------------------------------------------
+
+
+def test_a_reference_takes_the_upstream_job_of_the_same_cell(write) -> None:  # type: ignore[no-untyped-def]
+    plan = plan_of(write("m.yaml", CHAIN))
+    heroes, cutouts, videos = by(plan, "flux-2"), by(plan, "recraft-remove-bg"), by(plan, "kling-video-turbo")
+    assert len(heroes) == len(cutouts) == len(videos) == 4  # the cut-out inherits product × ratio from hero
+    hero_of = {cell(s): s.id for s in heroes}
+    cutout_of = {cell(s): s.id for s in cutouts}
+    for s in cutouts:
+        assert s.body["input"]["image_url"] == RESULT_PREFIX + hero_of[cell(s)]
+        assert s.after == (hero_of[cell(s)],) and result_ids(s.body) == [hero_of[cell(s)]]
+        assert s.step == "cutout" and s.id == job_id(s.body, 1)  # the id hashes the upstream's id, as any value
+    for s in videos:
+        assert s.after == (cutout_of[cell(s)],) and s.step is None
+    assert {s.path for s in videos} == {f"{p}/{r}/video.{{ext}}" for p in ("lamp", "chair") for r in ("1_1", "9_16")}
+
+
+def test_variants_fan_out_unless_pinned_and_urls_fan_in(write) -> None:  # type: ignore[no-untyped-def]
+    m = write(
+        "m.yaml",
+        """\
+matrix: {product: [lamp, chair], ratio: ["1:1", "9:16"]}
+jobs:
+  - id: hero
+    model: flux-2
+    prompt: "{product} on oak"
+    input: {aspect_ratio: "{ratio}"}
+    variants: 3
+  - id: cutout
+    model: recraft-remove-bg
+    input: {image_url: "{hero.url}"}
+    path: "{product}/{ratio}/cutout-of-{hero.variant}.{ext}"
+  - model: flux-kontext-pro
+    prompt: "{product} in a room"
+    input: {image_url: "{hero.2.url}"}
+    path: "{product}/{ratio}/pinned.{ext}"
+  - model: flux-kontext-pro
+    prompt: "a collage of every {product}"
+    imageURLList: "{hero.urls}"
+    path: "{product}/collage.{ext}"
+""",
+    )
+    plan = plan_of(m)
+    heroes = by(plan, "flux-2")
+    hero_of = {(*cell(s), s.variant): s.id for s in heroes}
+    assert len(heroes) == 12
+    cutouts = [s for s in by(plan, "recraft-remove-bg") if "cutout-of" in s.path]
+    assert len(cutouts) == 12  # one per hero variant
+    for s in cutouts:
+        assert s.after == (hero_of[(*cell(s), s.vars["hero.variant"])],) and s.variant == 1
+    pinned = [s for s in plan.specs if "pinned" in s.path]
+    assert len(pinned) == 4 and all(s.after == (hero_of[(*cell(s), 2)],) for s in pinned)
+    collages = [s for s in plan.specs if "collage" in s.path]
+    assert len(collages) == 2  # one per product: fan-in over ratio and variants
+    for s in collages:
+        wanted = [hero_of[(s.vars["product"], r, v)] for r in ("1:1", "9:16") for v in (1, 2, 3)]
+        assert json.loads(s.body["imageURLList"]) == [RESULT_PREFIX + i for i in wanted]
+        assert list(s.after) == wanted
+
+
+def test_ids_are_stable_and_an_upstream_edit_changes_exactly_its_downstream(write) -> None:  # type: ignore[no-untyped-def]
+    m = write("m.yaml", CHAIN)
+    first = {s.path: s.id for s in plan_of(m).specs}
+    assert first == {s.path: s.id for s in plan_of(m).specs}
+    write("m.yaml", CHAIN.replace('prompt: "{product} on oak, soft daylight"', 'prompt: "{product} on walnut, soft daylight"'))
+    edited = {s.path: s.id for s in plan_of(m).specs}
+    assert {p for p in first if first[p] != edited[p]} == set(first)  # every step of every cell is downstream of the edit
+    write("m.yaml", CHAIN.replace('"{product} turning slowly"', '"{product} turning fast"'))
+    video_edit = {s.path: s.id for s in plan_of(m).specs}
+    assert {p for p in first if first[p] != video_edit[p]} == {p for p in first if p.endswith("video.{ext}")}
+    write("m.yaml", CHAIN.replace('matrix: {product: [lamp, chair]', 'matrix: {product: [lamp, chair, desk]'))
+    grown = {s.path: s.id for s in plan_of(m).specs}
+    assert all(grown[p] == i for p, i in first.items()) and len(grown) == 18  # a new cell adds its chain, changes nothing else
+
+
+def test_every_bad_reference_is_refused_with_file_and_line(write, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    m = write(
+        "bad.yaml",
+        """\
+matrix: {product: [lamp, chair], ratio: ["1:1", "9:16"]}
+jobs:
+  - id: hero
+    model: flux-2
+    prompt: "{product} on oak, {cutout.url}"
+  - id: cutout
+    model: recraft-remove-bg
+    input: {image_url: "{hero.url}"}
+  - id: hero
+    model: recraft-remove-bg
+    input: {image_url: "{hero.url}"}
+  - model: recraft-remove-bg
+    input: {image_url: "{heor.url}"}
+  - model: recraft-remove-bg
+    input: {image_url: "{other.url}"}
+""",
+    )
+    found = problems(m)
+    assert any(p.startswith(f"{m}:9: jobs[2].id: 'hero' is also the id of jobs[0]") and "ambiguous" in p for p in found)
+    assert any(p.startswith(f"{m}:3: jobs[0]: circular references (hero → cutout → hero)") for p in found)
+    assert any(p.startswith(f"{m}:13: jobs[3].input refers to {{heor.url}}") and "did you mean {hero.url}?" in p for p in found)
+    assert any(p.startswith(f"{m}:15: jobs[4].input refers to {{other.url}}, but no job has id 'other'") for p in found)
+    assert len(found) == 4  # no echo of the same problem as an undefined var
+    m2 = write(
+        "bad2.yaml",
+        """\
+matrix: {product: [lamp, chair], ratio: ["1:1", "9:16"]}
+jobs:
+  - id: hero
+    model: flux-2
+    prompt: "{product} on oak"
+    input: {aspect_ratio: "{ratio}"}
+  - model: recraft-remove-bg
+    matrix: {ratio: ["4:5"]}
+    input: {image_url: "{hero.url}"}
+  - model: recraft-remove-bg
+    input: {image_url: "{hero.2.url}"}
+  - model: flux-kontext-pro
+    prompt: "see {hero.urls}"
+  - model: "{hero.url}"
+""",
+    )
+    found = problems(m2)
+    assert any(p.startswith(f"{m2}:9: jobs[1].input: {{hero.url}}: this job's cell has ratio='4:5'") and "do not line up" in p for p in found)
+    assert any(p.startswith(f"{m2}:11: jobs[2].input: {{hero.2.url}} pins variant 2, but hero makes variants 1–1") for p in found)
+    assert any(p.startswith(f"{m2}:13: jobs[3].prompt: {{hero.urls}} is a list of results") for p in found)
+    assert any(p.startswith(f"{m2}:14: jobs[4].model: {{hero.url}} is a reference") for p in found)
+    done = cli("plan", str(m2), "--sandbox")  # the CLI: exit 2, every problem with its line, nothing sent
+    assert done.returncode == 2 and f"{m2}:9:" in done.stderr and "nothing was sent" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_real_run_of_a_pipeline_needs_storage_for_the_results(write) -> None:  # type: ignore[no-untyped-def]
+    m = write("m.yaml", CHAIN)
+    done = cli("plan", str(m))
+    assert done.returncode == 2 and f"{m}:13:" in done.stderr and "other jobs' results ({ID.url}) need object storage" in done.stderr
