@@ -351,6 +351,45 @@ class Links:
             )
 
 
+MAX_CHAIN = 20  # steps shown before a job in the gallery
+
+
+def chain(store: Store, spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a job was made from, first step first, as (label, link) pairs for the gallery: the local input
+    photo (its stored copy), then each upstream result along the first reference, then every direct input."""
+    steps: list[list[tuple[str, str]]] = []
+    current = spec
+    while current.get("after") and len(steps) < MAX_CHAIN:
+        level = []
+        for upstream in current["after"]:
+            found = store.job_of(upstream)
+            if found is None:
+                continue
+            state, path, text = found
+            shown = path if state == "done" and path else str(json.loads(text)["path"]).replace("{ext}", "*")
+            level.append((shown, shown))
+        if not level:
+            break
+        steps.append(level)
+        found = store.job_of(current["after"][0])
+        current = json.loads(found[2]) if found is not None else {}
+    if not steps:
+        return []
+    files = [str(v)[len("file:") :] for v in current.get("vars", {}).values() if isinstance(v, str) and v.startswith("file:")]
+    stored = [f".batchrunner/inputs/{name}" for name in _input_names(current.get("body", {}))]
+    photos = list(zip(files, stored, strict=False)) if len(files) == len(stored) else [(name, name) for name in stored]
+    out = photos[:1]
+    for level in reversed(steps[1:]):
+        out.append(level[0])
+    return out + steps[0]
+
+
+def _input_names(body: Any) -> list[str]:
+    from .inputs import TOKEN_PREFIX, tokens
+
+    return sorted(name[len(TOKEN_PREFIX) :] for name in tokens(body))
+
+
 class Flow:
     """The runner's work list once jobs wait for others: jobs whose inputs just became ready first, then the stored work.
 

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from .catalog import model_fields
 from .download import create_new, write_error
 from .errors import ReportError, redact
+from .pipeline import chain as made_from
 from .store import Store
 
 CSV_COLUMNS = (
@@ -36,10 +37,10 @@ _VIDEO = {"mp4", "webm", "mov"}
 _AUDIO = {"wav", "mp3", "ogg", "flac"}
 
 
-def _job_record(row: Any) -> dict[str, Any]:
+def _job_record(row: Any, store: Store | None = None) -> dict[str, Any]:
     spec = json.loads(row["spec"])
     fields = model_fields(spec["body"])
-    return {
+    record = {
         "id": row["id"], "state": row["state"], "model": row["model"], "modality": row["modality"],
         "path": row["path"], "sha256": row["sha256"], "bytes": row["bytes"], "task_id": row["task_id"],
         "sends": row["sends"], "submits": row["submits"], "ambiguous": row["ambiguous"], "repaid": row["repaid"], "error": row["error"],
@@ -47,6 +48,9 @@ def _job_record(row: Any) -> dict[str, Any]:
         "vars": spec.get("vars", {}), "variant": spec.get("variant"),
         "review": row["review"], "take": row["take"], "intended_path": spec.get("path"),
     }  # fmt: skip
+    if "step" in spec or "after" in spec:  # pipelines: its step, and what it was made from
+        record |= {"step": spec.get("step"), "inputs": made_from(store, spec) if store is not None else []}
+    return record
 
 
 class _Redacting:
@@ -162,7 +166,7 @@ def _write(store: Store, summary: dict[str, Any], links: Mapping[str, str], link
         writer.writeheader()
         as_json.write('{"summary": ' + json.dumps(summary, ensure_ascii=False) + ',\n"jobs": [')
         for n, row in enumerate(store.rows()):
-            job = _job_record(row)
+            job = _job_record(row, store)
             as_json.write((",\n" if n else "\n") + json.dumps(job, ensure_ascii=False, default=str))
             writer.writerow(job)
             page.add(job)
@@ -184,7 +188,7 @@ def render_gallery(store: Store, *, review_token: str | None = None, page: int =
     gallery = Gallery.for_store(store, summarize(store), review_token=review_token, page=page)
     files: set[str] = set()
     for row in store.rows():
-        job = _job_record(row)
+        job = _job_record(row, store)
         gallery.add(job)
         if job["state"] == "done" and job["path"]:
             files.add(job["path"])
@@ -382,8 +386,8 @@ class Gallery:
         params = ", ".join(f"{_e(k)}={_e(v)}" for k, v in job["parameters"].items())
         take = f" · take {_e(job['take'])}" if (job.get("take") or 1) > 1 else ""
         chain = ""
-        if job.get("inputs"):  # pipelines: the upstream results this job was made from
-            links = " → ".join(f'<a href="{_href(str(p))}">{_e(p)}</a>' for p in job["inputs"])
+        if job.get("inputs"):  # pipelines: what this job was made from, first step first (label, link)
+            links = " → ".join(f'<a href="{_href(str(href))}">{_e(label)}</a>' for label, href in job["inputs"])
             chain = f"<p class=chain>{links} → <b>this</b></p>"
         buttons = ""
         if self.review_token is not None and done:

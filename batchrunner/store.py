@@ -525,6 +525,12 @@ class Store:
             ).fetchone()
         return None if row is None else (str(row[0]), str(row[1]), int(row[2]))
 
+    def job_of(self, job_id: str) -> tuple[str, str | None, str] | None:
+        """(state, path, spec JSON) of the job the manifest knows as ``job_id`` (a retaken job by its origin), or None."""
+        with self._sql() as conn:
+            row = conn.execute("SELECT state, path, spec FROM jobs WHERE id = ? OR origin = ?", (job_id, job_id)).fetchone()
+        return None if row is None else (str(row[0]), row[1], str(row[2]))
+
     def transition(self, job: Job, to: JobState, *, event: str | None = None, **fields: Any) -> None:
         """Move ``job`` to ``to`` (setting ``fields``) in the open batch; refuses a move :data:`TRANSITIONS` does not allow.
 

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +19,7 @@ from batchrunner.runner import RunConfig, run_campaign
 from batchrunner.sandbox import SandboxConfig, serve
 from batchrunner.store import Store
 
-from .conftest import S3Server, cli, make_png, sandbox_process
+from .conftest import cli, make_png
 
 KEY = "sk-pipeline-test-5e1d"
 FAST = {"image": 0.01, "video": 0.05, "audio": 0.02, "unknown": 0.02}
@@ -154,7 +148,7 @@ def test_ids_are_stable_and_an_upstream_edit_changes_exactly_its_downstream(writ
     write("m.yaml", CHAIN.replace('"{product} turning slowly"', '"{product} turning fast"'))
     video_edit = {s.path: s.id for s in plan_of(m).specs}
     assert {p for p in first if first[p] != video_edit[p]} == {p for p in first if p.endswith("video.{ext}")}
-    write("m.yaml", CHAIN.replace('matrix: {product: [lamp, chair]', 'matrix: {product: [lamp, chair, desk]'))
+    write("m.yaml", CHAIN.replace("matrix: {product: [lamp, chair]", "matrix: {product: [lamp, chair, desk]"))
     grown = {s.path: s.id for s in plan_of(m).specs}
     assert all(grown[p] == i for p, i in first.items()) and len(grown) == 18  # a new cell adds its chain, changes nothing else
 
@@ -206,7 +200,9 @@ jobs:
 """,
     )
     found = problems(m2)
-    assert any(p.startswith(f"{m2}:9: jobs[1].input: {{hero.url}}: this job's cell has ratio='4:5'") and "do not line up" in p for p in found)
+    assert any(
+        p.startswith(f"{m2}:9: jobs[1].input: {{hero.url}}: this job's cell has ratio='4:5'") and "do not line up" in p for p in found
+    )
     assert any(p.startswith(f"{m2}:11: jobs[2].input: {{hero.2.url}} pins variant 2, but hero makes variants 1–1") for p in found)
     assert any(p.startswith(f"{m2}:13: jobs[3].prompt: {{hero.urls}} is a list of results") for p in found)
     assert any(p.startswith(f"{m2}:14: jobs[4].model: {{hero.url}} is a reference") for p in found)
@@ -219,3 +215,132 @@ def test_a_real_run_of_a_pipeline_needs_storage_for_the_results(write) -> None: 
     m = write("m.yaml", CHAIN)
     done = cli("plan", str(m))
     assert done.returncode == 2 and f"{m}:13:" in done.stderr and "other jobs' results ({ID.url}) need object storage" in done.stderr
+
+
+# -- running --------------------------------------------------------------------------------------
+
+PHOTO_CHAIN = """\
+name: photo-chain
+rows: {files: "photos/*.png"}
+path: "{stem}/{step}.{ext}"
+jobs:
+  - id: hero
+    vars: {step: hero}
+    model: flux-kontext-pro
+    prompt: "{stem} on oak, soft daylight"
+    input: {image_url: "{file}", aspect_ratio: "1:1"}
+  - id: cutout
+    vars: {step: cutout}
+    model: recraft-remove-bg
+    input: {image_url: "{hero.url}"}
+  - vars: {step: video}
+    model: kling-video-turbo
+    input: {prompt: "{stem} turning slowly", image_url: "{cutout.url}", duration: "5"}
+"""
+
+
+def photos(tmp: Path, *stems: str) -> None:
+    (tmp / "photos").mkdir(exist_ok=True)
+    for i, stem in enumerate(stems):
+        colour = (40 * i % 256, 200, 90)
+        data = make_png(48, 32, lambda x, y, c=colour: c if 12 <= x < 36 and 8 <= y < 24 else (255, 255, 255))  # type: ignore[misc]
+        (tmp / "photos" / f"{stem}.png").write_bytes(data)
+
+
+def report_of(out: Path) -> dict[str, Any]:
+    report = json.loads((out / "report.json").read_text())
+    for job in report["jobs"]:  # every finished file whole
+        if job["state"] == "done":
+            assert sha((out / job["path"]).read_bytes()) == job["sha256"]
+    assert not list(out.rglob("*.tmp"))
+    return dict(report)
+
+
+def chains(out: Path) -> dict[str, dict[str, Any]]:
+    """Each job of the state by path template: its row and its upstream ids."""
+    with Store.open(out, lock=False) as store:
+        return {json.loads(r["spec"])["path"]: {**dict(r), "after": json.loads(r["spec"]).get("after", [])} for r in store.rows()}
+
+
+async def test_three_steps_end_to_end_each_input_is_the_upstream_results_own_bytes(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    photos(tmp_path, "lamp", "chair", "desk")
+    m = write("chain.yaml", PHOTO_CHAIN)
+    out = tmp_path / "out"
+    async with serve(sandbox()) as (sb, url):
+        result = await run_campaign(plan_of(m), cfg(out), api_key=KEY, base_url=url)
+        assert result.outcome == "complete" and result.counts == {"done": 9}
+        tasks = sb.tasks
+        assert sb.stats.tasks_created == 9
+        assert sb.stats.downloads == 9  # each result fetched once, by us: no request handed the API its own fileURL
+    report = report_of(out)
+    jobs = {j["id"]: j for j in report["jobs"]}
+    rows = chains(out)
+    for stem in ("lamp", "chair", "desk"):
+        hero, cutout, video = (rows[f"{stem}/{step}.{{ext}}"] for step in ("hero", "cutout", "video"))
+        photo = sha((tmp_path / "photos" / f"{stem}.png").read_bytes())
+        assert dict(tasks[hero["task_id"]].inputs) == {"input.image_url": photo}
+        assert cutout["after"] == [hero["id"]] and video["after"] == [cutout["id"]]
+        assert dict(tasks[cutout["task_id"]].inputs) == {"input.image_url": jobs[hero["id"]]["sha256"]}  # the hero's own bytes
+        assert dict(tasks[video["task_id"]].inputs) == {"input.image_url": jobs[cutout["id"]]["sha256"]}
+    state = (out / ".batchrunner" / "state.sqlite").read_bytes()
+    assert b"apiKey" not in state and KEY.encode() not in state and b"sig=" not in state
+    gallery = (out / "report.html").read_text()
+    assert "lamp/hero.png" in gallery and "class=chain" in gallery and "photos/lamp.png" in gallery
+
+
+async def test_concurrency_holds_across_steps_and_downstream_jobs_start_before_the_first_step_ends(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    m = write("chain.yaml", CHAIN.replace("[lamp, chair]", "[" + ", ".join(f"p{i}" for i in range(8)) + "]"))
+    async with serve(sandbox(time_scale=0.003)) as (sb, url):
+        result = await run_campaign(plan_of(m), cfg(tmp_path, concurrency=3), api_key=KEY, base_url=url)
+        assert result.outcome == "complete" and result.counts == {"done": 48}
+        assert 1 < sb.stats.max_in_flight <= 3
+    rows = list(chains(tmp_path).values())
+    last_hero = max(r["submitted_at"] for r in rows if r["model"] == "flux-2")
+    first_video = min(r["submitted_at"] for r in rows if r["model"] == "kling-video-turbo")
+    assert first_video < last_hero  # a chain ran on as soon as its own inputs were done, not step by step
+    for r in rows:
+        for upstream in r["after"]:
+            assert next(u for u in rows if u["id"] == upstream)["finished_at"] <= r["submitted_at"]
+
+
+async def test_an_upstream_failure_fails_its_dependents_unsent_then_retry_runs_the_chain(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    m = write("chain.yaml", CHAIN)
+    async with serve(sandbox(fail_prompts=("chair on oak",))) as (sb, url):
+        result = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert result.outcome == "failed" and result.counts == {"done": 6, "failed": 6}
+        assert sb.stats.tasks_created == 8  # 4 heroes (2 failed by the API), 2 cut-outs and 2 videos of lamp
+        rows = chains(tmp_path)
+        for ratio in ("1_1", "9_16"):
+            hero, cutout, video = (rows[f"chair/{ratio}/{step}.{{ext}}"] for step in ("hero", "cutout", "video"))
+            assert hero["state"] == "failed" and "content policy" in hero["error"]
+            assert cutout["state"] == "failed" and cutout["error"] == f"input chair/{ratio}/hero failed"
+            assert video["state"] == "failed" and video["error"] == f"input chair/{ratio}/cutout failed"
+            assert cutout["sends"] == video["sends"] == 0 and cutout["credits_spent"] == video["credits_spent"] == 0
+        again = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)  # a plain run: the API's failure stays
+        assert again.counts == {"done": 6, "failed": 6} and sb.stats.tasks_created == 8
+        sb.config = replace(sb.config, fail_prompts=())
+        retried = await run_campaign(None, cfg(tmp_path, retry_failed=True), api_key=KEY, base_url=url)  # `batchrunner retry DIR`
+        assert retried.outcome == "complete" and retried.counts == {"done": 12}
+        assert sb.stats.tasks_created == 14  # the 2 failed heroes again, then their 4 dependents: nothing else
+    report_of(tmp_path)
+
+
+async def test_a_deleted_or_rejected_upstream_result_remakes_its_dependents_only(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    m = write("chain.yaml", CHAIN)
+    async with serve(sandbox()) as (sb, url):
+        await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert sb.stats.tasks_created == 12
+        (tmp_path / "lamp/1_1/hero.png").unlink()
+        result = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert result.counts == {"done": 12} and sb.stats.tasks_created == 15  # lamp 1:1's hero, cut-out and video
+        rows = chains(tmp_path)
+        with Store.open(tmp_path, lock=False, write=True) as store:
+            assert store.decide([rows["chair/9_16/cutout.{ext}"]["id"]], "rejected")
+        result = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert result.counts == {"done": 12} and sb.stats.tasks_created == 17  # chair 9:16's cut-out (take 2) and its video
+        assert (tmp_path / "rejected/chair/9_16/cutout.take1.png").exists()
+        tasks = sb.tasks
+    rows = chains(tmp_path)
+    cutout, video = rows["chair/9_16/cutout.{ext}"], rows["chair/9_16/video.{ext}"]
+    assert cutout["take"] == 2 and dict(tasks[video["task_id"]].inputs) == {"input.image_url": cutout["sha256"]}
+    report_of(tmp_path)
