@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ from batchrunner.runner import RunConfig, run_campaign
 from batchrunner.sandbox import SandboxConfig, serve
 from batchrunner.store import Store
 
-from .conftest import cli, make_png
+from .conftest import S3Server, cli, make_png, sandbox_process, stats
 
 KEY = "sk-pipeline-test-5e1d"
 FAST = {"image": 0.01, "video": 0.05, "audio": 0.02, "unknown": 0.02}
@@ -344,3 +350,58 @@ async def test_a_deleted_or_rejected_upstream_result_remakes_its_dependents_only
     cutout, video = rows["chair/9_16/cutout.{ext}"], rows["chair/9_16/video.{ext}"]
     assert cutout["take"] == 2 and dict(tasks[video["task_id"]].inputs) == {"input.image_url": cutout["sha256"]}
     report_of(tmp_path)
+
+
+def kill_after(args: list[str], env: dict[str, str], lines: int) -> bool:
+    """Start the real CLI and kill -9 it once it has printed ``lines`` lines (an event, not a sleep); False if it ended first."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPRISE_", "BATCHRUNNER_"))} | env
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env
+    )
+    assert proc.stdout is not None
+    try:
+        for n, _ in enumerate(proc.stdout, 1):
+            if n >= lines:
+                proc.send_signal(signal.SIGKILL)
+                return True
+        return False
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def sandbox_tasks(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/_sandbox/tasks", timeout=10) as resp:
+        return dict(json.loads(resp.read()))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_kill_9_at_random_moments_of_a_pipeline_then_resume_loses_nothing_and_pays_once(s3: S3Server, tmp_path: Path, seed: int) -> None:
+    photos(tmp_path, "lamp", "chair", "desk", "sofa")
+    prefix = f"pipeline-kill-{os.urandom(4).hex()}"
+    storage = f"storage:\n  url: {s3.url(prefix)}\n  endpoint: {s3.endpoint}\n  url_lifetime: 30m\n"
+    m = tmp_path / "chain.yaml"
+    m.write_text(PHOTO_CHAIN.replace("jobs:\n", storage + "concurrency: 3\njobs:\n", 1))
+    out = tmp_path / "out"
+    rng = random.Random(seed)
+    args = ["run", str(m), "--out", str(out), "--poll-scale", "0.001", "-v"]
+    with sandbox_process("--time-scale", "0.001") as url:
+        env = {"CLIPRISE_API_KEY": "sandbox-key", "CLIPRISE_BASE_URL": url}
+        env |= {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_REGION": "us-east-1"}
+        kills = 0
+        for _ in range(3):  # three hard kills at seeded moments: the run's nth line of output
+            kills += kill_after(args, env, rng.randint(2, 30))
+        assert kills, "no kill landed: the test proves nothing"
+        resumed = cli(*args[:-1], env=env)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        created = stats(url)["tasks_created"]
+        tasks = sandbox_tasks(url)
+    report = report_of(out)
+    assert report["summary"]["counts"] == {"done": 12}
+    assert created <= 12 + report["summary"]["ambiguous_resubmitted"]
+    rows = chains(out)
+    for stem in ("lamp", "chair", "desk", "sofa"):
+        hero, cutout, video = (rows[f"{stem}/{step}.{{ext}}"] for step in ("hero", "cutout", "video"))
+        assert tasks[cutout["task_id"]]["inputs"] == {"input.image_url": hero["sha256"]}
+        assert tasks[video["task_id"]]["inputs"] == {"input.image_url": cutout["sha256"]}
