@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import anyio
 
-from . import __version__, _api
+from . import __version__, _api, pipeline
 from .dryrun import Preview
 from .errors import BatchRunnerError, ManifestError, StateError, StateWriteError, StorageUnavailable
 from .expand import Plan
@@ -107,6 +107,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "paths": [s.path for s in plan.specs[:10]],
             "warnings": plan.warnings,
         }
+        if steps := pipeline.steps(plan.specs):  # pipelines
+            data["steps"] = [{"step": s.name, "model": s.model, "jobs": s.jobs, "credits": s.credits, "uses": s.uses} for s in steps]
+            data["redo"] = [{"step": step, "why": why, "jobs": n} for step, why, n in start.redo]
         print(json.dumps(data, indent=2))
         return EXIT_OK
     print(f"{plan.manifest.name}: {len(plan.specs)} jobs → {start.out_dir}")
@@ -115,6 +118,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  {model:<24} {row['modality']:<7} {row['jobs']:>7} jobs   {price}")
     total = plan.credits()
     print(f"  credits: {'unknown (set prices under credits: in the manifest)' if total is None else f'{total:g}'}")
+    _print_steps(plan, start)
     if start.resuming:
         print(f"  {_rerun_line(start).replace('DIR', shlex.quote(str(start.out_dir)))}")
         if start.credits_to_submit is not None and start.to_submit:
@@ -125,6 +129,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not os.environ.get(_api.ENV_API_KEY):
         print(f"  to run it: set {_api.ENV_API_KEY}, or try it on the embedded sandbox with --sandbox")
     return EXIT_OK
+
+
+def _print_steps(plan: Plan, start: Preview) -> None:
+    """A pipeline's steps (jobs, credits, the steps each uses), and why a re-run makes what it makes."""
+    steps = pipeline.steps(plan.specs)
+    if not steps:
+        return
+    print("  steps (a job waits for the results it uses; every step shares the concurrency):")
+    for s in steps:
+        price = "unknown" if s.credits is None else f"{s.credits:g} credits"
+        uses = f"   uses {', '.join(s.uses)}" if s.uses else ""
+        print(f"    {s.name:<28} {s.model:<22} {s.jobs:>6} jobs   {price}{uses}")
+    if start.redo:
+        print("  a re-run makes again:")
+        for step, why, n in start.redo:
+            print(f"    {step:<28} {n:>6} jobs: {why}")
 
 
 # -- run / retry ------------------------------------------------------------------------------

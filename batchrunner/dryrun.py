@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import pipeline
 from .errors import ManifestError, Problem, StateError
-from .expand import Plan
+from .expand import JobSpec, Plan
 from .store import REPOLL, STATE_DIR, Snapshot, backend_mismatch, snapshot
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Preview:
     ambiguous_before: int
     resuming: bool
     rejected: int = 0
+    redo: tuple[tuple[str, str, int], ...] = ()  # pipelines: (step, why, jobs) a re-run makes (pipeline.reasons)
 
     @property
     def to_run(self) -> int:
@@ -101,6 +103,14 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
     else:
         jobs = [(row[0], None, row[5], "") for row in stored.values() if row[6]]
     present = _Files(out)
+    remade: dict[str, str] = {}  # pipelines: finished jobs made again, as an input of theirs is
+    if plan is not None and plan.reference_at is not None and stored:
+
+        def finished(s: JobSpec) -> bool:
+            row = stored.get(s.id)
+            return row is not None and row[1] == "done" and (present.has(row[2]) or bool(row[2] and present.has(_moved(s.path, row[2]))))
+
+        remade = pipeline.remade(plan.specs, finished)
     done = files_gone = in_flight = ambiguous = stays_failed = to_submit = 0
     cost: float | None = 0.0
     unknown: set[str] = set()
@@ -108,11 +118,13 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
         row = stored.get(job_id)
         if row is not None:
             state = row[1]
-            if state == "done":
+            if state == "done" and job_id not in remade:
                 if present.has(row[2]) or (spec_path is not None and row[2] and present.has(_moved(spec_path, row[2]))):
                     done += 1
                     continue
                 files_gone += 1
+            elif state == "done":
+                pass  # remade: an input is made again
             elif state == "submitted":
                 in_flight += 1
                 continue
@@ -145,6 +157,7 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
         ambiguous_before=snap.ambiguous if snap is not None else 0,
         resuming=bool(stored),
         rejected=sum(1 for job_id, *_ in jobs if snap is not None and job_id in snap.rejected),
+        redo=tuple(pipeline.reasons(plan.specs, stored.__contains__, remade)) if plan is not None and stored and plan.reference_at else (),
     )
     if plan is not None:
         _check_budget(plan, config.max_credits, result, unknown)
@@ -173,7 +186,7 @@ def started(
         jobs=sum(counts.values()),
         done=counts.get("done", 0),
         in_flight=counts.get("submitted", 0),
-        to_submit=counts.get("pending", 0) + counts.get("submitting", 0),
+        to_submit=counts.get("pending", 0) + counts.get("submitting", 0) + counts.get("waiting", 0),
         stays_failed=counts.get("failed", 0),
         files_gone=found.get("files_missing", 0),
         ambiguous=found.get("ambiguous", 0),

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 if TYPE_CHECKING:
-    from .expand import _Expansion, _Job
+    from .expand import JobSpec, _Expansion, _Job
     from .store import Job, Store
 
 RESULT_PREFIX = "batchrunner-result:"
@@ -352,6 +352,78 @@ class Links:
 
 
 MAX_CHAIN = 20  # steps shown before a job in the gallery
+
+
+def label(spec: JobSpec) -> str:
+    """A job's step as ``plan`` names it: its ``id:``, else its model and line."""
+    return spec.step or f"{spec.model} (line {spec.line})"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One job definition of a pipeline in ``plan``: its jobs, their credits (None: a price unknown), the steps it uses."""
+
+    name: str
+    model: str
+    jobs: int
+    credits: float | None
+    uses: tuple[str, ...]
+
+
+def steps(specs: list[JobSpec]) -> list[Step]:
+    """The steps of a pipeline (empty when no job uses another's result), in manifest order."""
+    if not any(s.after for s in specs):
+        return []
+    step_of = {s.id: label(s) for s in specs}
+    found: dict[str, list[Any]] = {}
+    for s in specs:
+        row = found.setdefault(label(s), [s.model, 0, 0.0, {}])
+        row[1] += 1
+        row[2] = None if s.credits is None or row[2] is None else row[2] + s.credits
+        row[3].update(dict.fromkeys(step_of[u] for u in s.after if u in step_of))
+    return [Step(name, model, n, credits, tuple(uses)) for name, (model, n, credits, uses) in found.items()]
+
+
+def remade(specs: list[JobSpec], finished: Callable[[JobSpec], bool]) -> dict[str, str]:
+    """Finished jobs a run makes again because an input, directly or not, is not finished (deleted, rejected, changed):
+    {job id: the step of that input}."""
+    by_id = {s.id: s for s in specs}
+    missing: dict[str, str | None] = {}  # id → the step not finished on its way up, or None
+
+    def unfinished(job_id: str) -> str | None:
+        if job_id not in missing:
+            spec = by_id.get(job_id)
+            missing[job_id] = None
+            if spec is not None:
+                if not finished(spec):
+                    missing[job_id] = label(spec)
+                else:
+                    missing[job_id] = next((m for m in map(unfinished, spec.after) if m), None)
+        return missing[job_id]
+
+    out = {}
+    for spec in specs:
+        if spec.after and finished(spec):
+            why = next((m for m in map(unfinished, spec.after) if m), None)
+            if why is not None:
+                out[spec.id] = why
+    return out
+
+
+def reasons(specs: list[JobSpec], known: Callable[[str], bool], redo: dict[str, str]) -> list[tuple[str, str, int]]:
+    """Why a re-run makes each pipeline job it makes: (step, reason, jobs), for ``plan`` of a folder run before."""
+    found: dict[tuple[str, str], int] = {}
+    step_of = {s.id: label(s) for s in specs}
+    for spec in specs:
+        if spec.id in redo:
+            why = f"results of {redo[spec.id]} it uses, directly or not, are made again (deleted, rejected or failed)"
+        elif not known(spec.id):
+            changed = [step_of[u] for u in spec.after if u in step_of and not known(u)]
+            why = f"{changed[0]} changed (its id is new)" if changed else "new or edited"
+        else:
+            continue
+        found[(label(spec), why)] = found.get((label(spec), why), 0) + 1
+    return [(step, why, n) for (step, why), n in found.items()]
 
 
 def chain(store: Store, spec: dict[str, Any]) -> list[tuple[str, str]]:

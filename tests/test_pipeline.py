@@ -405,3 +405,35 @@ def test_kill_9_at_random_moments_of_a_pipeline_then_resume_loses_nothing_and_pa
         hero, cutout, video = (rows[f"{stem}/{step}.{{ext}}"] for step in ("hero", "cutout", "video"))
         assert tasks[cutout["task_id"]]["inputs"] == {"input.image_url": hero["sha256"]}
         assert tasks[video["task_id"]]["inputs"] == {"input.image_url": cutout["sha256"]}
+
+
+def test_plan_shows_steps_credits_and_why_a_rerun_makes_what_it_makes(write, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    m = write("chain.yaml", CHAIN + "credits: {flux-2: 4, recraft-remove-bg: 1, kling-video-turbo: 20}\n")
+    out = tmp_path / "out"
+    planned = json.loads(cli("plan", str(m), "--sandbox", "--out", str(out), "--json").stdout)
+    assert planned["steps"] == [
+        {"step": "hero", "model": "flux-2", "jobs": 4, "credits": 16.0, "uses": []},
+        {"step": "cutout", "model": "recraft-remove-bg", "jobs": 4, "credits": 4.0, "uses": ["hero"]},
+        {"step": "kling-video-turbo (line 14)", "model": "kling-video-turbo", "jobs": 4, "credits": 80.0, "uses": ["cutout"]},
+    ]
+    text = cli("plan", str(m), "--sandbox", "--out", str(out)).stdout
+    assert "steps (a job waits for the results it uses" in text and "uses hero" in text
+    assert cli("run", str(m), "--sandbox", "--out", str(out)).returncode == 0
+    write("chain.yaml", m.read_text().replace("on oak,", "on walnut,"))
+    planned = json.loads(cli("plan", str(m), "--sandbox", "--out", str(out), "--json").stdout)
+    assert planned["to_submit"] == 12 and planned["credits_to_run"] == 100.0
+    assert planned["redo"] == [
+        {"step": "hero", "why": "new or edited", "jobs": 4},
+        {"step": "cutout", "why": "hero changed (its id is new)", "jobs": 4},
+        {"step": "kling-video-turbo (line 14)", "why": "cutout changed (its id is new)", "jobs": 4},
+    ]
+    write("chain.yaml", m.read_text().replace("on walnut,", "on oak,"))
+    (out / "chair/1_1/hero.png").unlink()
+    planned = json.loads(cli("plan", str(m), "--sandbox", "--out", str(out), "--json").stdout)
+    assert planned["to_submit"] == 3 and planned["files_gone"] == 1
+    assert [(r["step"], r["jobs"]) for r in planned["redo"]] == [("cutout", 1), ("kling-video-turbo (line 14)", 1)]
+    assert all("results of hero it uses, directly or not, are made again" in r["why"] for r in planned["redo"])
+    ran = cli("run", str(m), "--sandbox", "--out", str(out))
+    assert ran.returncode == 0 and "ran 3 (3 done), skipped 9 already done" in ran.stdout
+    status = cli("status", str(out)).stdout
+    assert "done         12" in status
