@@ -168,7 +168,7 @@ def test_status_retry_and_report_commands(tmp_path: Path, capsys) -> None:  # ty
 def test_demo_command_from_the_readme(tmp_path: Path) -> None:
     result = cli("run", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "complete: ran 18 (18 done), skipped 0 already done, 0 failed" in result.stdout
+    assert "complete: ran 21 (21 done), skipped 0 already done, 0 failed" in result.stdout  # a pipeline: photos → … (README)
     assert (tmp_path / "report.html").exists()
 
 

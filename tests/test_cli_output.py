@@ -210,7 +210,7 @@ def test_plan_piped_into_a_reader_that_left_ends_quietly(tmp_path: Path) -> None
     os.close(read_end)  # like `| head` once head has exited: every write gets EPIPE
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "batchrunner.cli", "plan", "manifests/demo.yaml"], stdout=write_end, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "batchrunner.cli", "plan", "manifests/formats.yaml"], stdout=write_end, stderr=subprocess.PIPE,
             text=True, cwd=ROOT, timeout=60,
         )  # fmt: skip
     finally:

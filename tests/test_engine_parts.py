@@ -30,7 +30,7 @@ def committed_states(out: Path) -> dict[str, int]:
 
 async def test_one_commit_serves_every_job_that_asks_together(tmp_path: Path) -> None:
     store = Store.open(tmp_path)
-    store.sync(plan_of(ROOT / "manifests/demo.yaml").specs)
+    store.sync(plan_of(ROOT / "manifests/formats.yaml").specs)
     commits = store.commits
     jobs = list(store.work())
 
@@ -102,7 +102,7 @@ def test_first_poll_at_half_the_default_until_learned_then_at_the_30th_percentil
 
 
 async def test_a_state_file_that_cannot_be_written_stops_the_run_with_a_plain_error(tmp_path: Path) -> None:
-    plan = plan_of(ROOT / "manifests/demo.yaml")
+    plan = plan_of(ROOT / "manifests/formats.yaml")
     store = Store.open(tmp_path)
     store.sync(plan.specs)
     conn = store._conn  # SQLite's own page limit stands in for a full disk (tests/test_hostile_state.py fills a real one)
@@ -130,7 +130,7 @@ async def test_temp_files_left_by_a_hard_kill_are_taken_over_by_the_retry(tmp_pa
 
 
 async def test_a_result_deleted_after_the_run_is_made_again_and_only_it(tmp_path: Path) -> None:
-    plan = plan_of(ROOT / "manifests/demo.yaml")
+    plan = plan_of(ROOT / "manifests/formats.yaml")
     async with serve(sandbox()) as (sb, url):
         first = await run_campaign(plan, cfg(tmp_path), api_key=KEY, base_url=url)
         gone = sorted(p for p in tmp_path.rglob("*.png"))[:2]

@@ -25,7 +25,7 @@ def specs(path: Path, **kw: object):  # type: ignore[no-untyped-def]
 
 
 def test_demo_yaml_and_csv_expand() -> None:
-    yaml_specs = specs(ROOT / "manifests/demo.yaml")
+    yaml_specs = specs(ROOT / "manifests/formats.yaml")
     assert len(yaml_specs) == 3 * (2 * 2 + 1 + 1)
     first = yaml_specs[0]
     assert first.body == {"model": "flux-2", "input": {"aspect_ratio": "1:1", "prompt": "Acme perfume, studio light, minimal"}}
@@ -279,7 +279,7 @@ def test_missing_manifest_file(capsys) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_plan_json(capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["plan", str(ROOT / "manifests/demo.yaml"), "--json"]) == 0
+    assert main(["plan", str(ROOT / "manifests/formats.yaml"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["jobs"] == 18 and data["credits"] is None
     assert data["by_model"]["flux-2"]["jobs"] == 12

@@ -437,3 +437,43 @@ def test_plan_shows_steps_credits_and_why_a_rerun_makes_what_it_makes(write, tmp
     assert ran.returncode == 0 and "ran 3 (3 done), skipped 9 already done" in ran.stdout
     status = cli("status", str(out)).stdout
     assert "done         12" in status
+
+
+def test_the_readme_pipeline_example_counts_prices_and_lists_its_steps_as_shown(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("name: launch-chain")
+    example = tmp_path / "launch.yaml"
+    example.write_text(readme[start : readme.index("```", start)])
+    planned = json.loads(cli("plan", str(example), "--json").stdout)
+    assert planned["jobs"] == 12 and planned["credits"] == 180 and "(12 jobs, 180 credits)" in readme
+    assert [(s["step"], s["jobs"], s["credits"], s["uses"]) for s in planned["steps"]] == [
+        ("hero", 4, 16, []), ("cutout", 4, 4, ["hero"]), ("video", 4, 160, ["cutout"]),
+    ]  # fmt: skip
+    shown = cli("plan", str(example)).stdout
+    for line in ("hero                         flux-2", "cutout                       recraft-remove-bg", "uses cutout"):
+        assert line in shown and line in readme
+
+
+def test_the_demo_is_a_pipeline_from_the_shipped_photos_and_its_gallery_shows_each_chain(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    done = cli("run", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path), cwd=root)
+    assert done.returncode == 0, done.stderr
+    report = report_of(tmp_path)
+    assert report["summary"]["counts"] == {"done": 21}
+    steps = {j["step"] for j in report["jobs"]}
+    assert steps == {"hero", "cutout", "video", "sheet"}
+    for stem in ("perfume", "sneaker", "watch"):
+        assert (root / "manifests/photos" / f"{stem}.png").stat().st_size < 4096  # small files in the repository
+        video = next(j for j in report["jobs"] if j["path"] == f"{stem}/video-9_16.mp4")
+        assert [label for label, _ in video["inputs"]] == [f"photos/{stem}.png", f"{stem}/hero-9_16.png", f"{stem}/cutout-9_16.png"]
+        sheet = next(j for j in report["jobs"] if j["path"] == f"{stem}/sheet.png")
+        assert [label for label, _ in sheet["inputs"]][-2:] == [f"{stem}/cutout-1_1.png", f"{stem}/cutout-9_16.png"]
+    gallery = (tmp_path / "report.html").read_text()
+    assert gallery.count("<p class=chain>") == 15  # every card after the first step
+    for _, href in video["inputs"]:
+        assert (tmp_path / href).is_file()  # the chain links files that are there (the photo: its stored copy)
+    rejected = cli("reject", str(tmp_path), "perfume/hero-1_1.png", "watch/video-9_16.mp4")  # the README's review example
+    assert rejected.returncode == 0, rejected.stderr
+    again = cli("run", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path), cwd=root)
+    assert again.returncode == 0 and "ran 5 (5 done), skipped 16 already done" in again.stdout  # hero, cut-out, video, sheet; video
+    assert (tmp_path / "rejected/perfume/hero-1_1.take1.png").is_file() and (tmp_path / "rejected/watch/video-9_16.take1.mp4").is_file()

@@ -20,7 +20,7 @@ from .conftest import ROOT
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    assert main(["run", str(ROOT / "manifests/demo.yaml"), "--sandbox", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(ROOT / "manifests/formats.yaml"), "--sandbox", "--out", str(out), "--quiet"]) == 0
     return out
 
 

@@ -29,7 +29,7 @@ from batchrunner.store import Store, peek, peek_rejected, retake_id
 from .conftest import ROOT, cli, sandbox_process, stats
 
 KEY = "sk-review-SECRET-81c3"
-DEMO = ROOT / "manifests/demo.yaml"
+DEMO = ROOT / "manifests/formats.yaml"
 
 
 def report_jobs(out: Path) -> dict[str, dict[str, str]]:

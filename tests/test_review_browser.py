@@ -30,7 +30,7 @@ VISIBLE = "document.querySelectorAll('.card:not([hidden])').length"
 def gallery_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo campaign with three results replaced by real non-square PNGs (the sandbox makes squares), report rewritten."""
     out = tmp_path_factory.mktemp("gallery") / "out"
-    assert main(["run", str(ROOT / "manifests/demo.yaml"), "--sandbox", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(ROOT / "manifests/formats.yaml"), "--sandbox", "--out", str(out), "--quiet"]) == 0
     for path, (width, height) in SHAPES.items():
         (out / path).write_bytes(png(width, height))
     assert main(["report", str(out)]) == 0

@@ -49,7 +49,7 @@ def check_files(out: Path) -> dict[str, object]:
 
 
 async def test_campaign_end_to_end_then_rerun_submits_nothing(tmp_path: Path) -> None:
-    plan = plan_of(ROOT / "manifests/demo.yaml")
+    plan = plan_of(ROOT / "manifests/formats.yaml")
     async with serve(sandbox()) as (sb, url):
         result = await run_campaign(plan, cfg(tmp_path), api_key=KEY, base_url=url)
         assert result.outcome == "complete" and result.counts == {"done": 18}

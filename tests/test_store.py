@@ -79,7 +79,7 @@ def test_a_reserve_is_kept_beside_the_state_and_made_again(tmp_path: Path) -> No
 
 
 async def test_recover_on_a_sound_state_adds_only_what_it_did_not_record(tmp_path: Path) -> None:
-    plan = plan_of(ROOT / "manifests/demo.yaml")
+    plan = plan_of(ROOT / "manifests/formats.yaml")
     async with serve(sandbox()) as (_, url):
         await run_campaign(plan, cfg(tmp_path), api_key=KEY, base_url=url)
     with Store.open(tmp_path) as store:  # a transition lost with a deleted -wal file, say
