@@ -195,6 +195,7 @@ class Store:
         self._committing: anyio.Event | None = None
         self._broken: StateWriteError | None = None
         self._batch: list[tuple[str, tuple[Any, ...]]] = []  # the open batch's statements, replayed if its commit fails
+        self._linked = False  # pipelines: some job uses another's result (known once settle() has run)
 
     @classmethod
     def open(
@@ -462,8 +463,9 @@ class Store:
         are done is pending, and one whose input failed fails ("input <path> failed": not sent, not paid)."""
         self.flush()
         with self._sql() as conn:
-            if conn.execute("SELECT 1 FROM needs LIMIT 1").fetchone() is None:
-                return {}
+            self._linked = conn.execute("SELECT 1 FROM needs LIMIT 1").fetchone() is not None
+        if not self._linked:
+            return {}
         now, found = self.clock(), {"waiting": 0, "remade": 0, "failed": 0}
         with self._sql() as conn, conn:
             conn.execute("BEGIN")
@@ -487,13 +489,9 @@ class Store:
 
     def release(self, job: Job) -> list[Job]:
         """``job`` is done: its waiting dependents whose inputs are now all done become pending (in the open batch); returns them."""
-        rows = self._conn.execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'waiting' AND coalesce(origin, id) IN "
-            "(SELECT n.job FROM needs n, jobs u WHERE u.id = ? AND n.upstream = coalesce(u.origin, u.id)) "
-            f"AND NOT {_UNREADY} ORDER BY idx",
-            (job.id,),
-        ).fetchall()
-        ready = [_job_of(r) for r in rows]
+        if not self._linked:
+            return []
+        ready = [_job_of(r) for r in self._dependents(job, f"AND NOT {_UNREADY}")]
         for dependent in ready:
             self.transition(dependent, S.PENDING)
         return ready
@@ -504,17 +502,23 @@ class Store:
         while todo:
             upstream = todo.pop()
             reason = f"input {upstream.path.replace('.{ext}', '')} failed"
-            rows = self._conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'waiting' AND coalesce(origin, id) IN "
-                "(SELECT n.job FROM needs n, jobs u WHERE u.id = ? AND n.upstream = coalesce(u.origin, u.id)) ORDER BY idx",
-                (upstream.id,),
-            ).fetchall()
-            for r in rows:
+            for r in self._dependents(upstream) if self._linked else []:
                 dependent = _job_of(r)
                 self.transition(dependent, S.FAILED, event=reason, error=reason, retryable=RESUBMIT, finished_at=self.clock())
                 failed.append((dependent, reason))
                 todo.append(dependent)
         return failed
+
+    def _dependents(self, job: Job, condition: str = "") -> list[Any]:
+        """The waiting jobs that use ``job``'s result (through the indexes: never a scan of every job)."""
+        found = self._conn.execute("SELECT coalesce(origin, id) FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        if found is None:
+            return []
+        wanted = "(SELECT n.job FROM needs n WHERE n.upstream = ?)"
+        return self._conn.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (id IN {wanted} OR origin IN {wanted}) AND state = 'waiting' {condition} ORDER BY idx",
+            (found[0], found[0]),
+        ).fetchall()
 
     def result_of(self, job_id: str) -> tuple[str, str, int] | None:
         """(path, sha256, bytes) of the finished result of the job the manifest knows as ``job_id``; None when it is not done."""
