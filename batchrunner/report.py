@@ -387,7 +387,8 @@ class Gallery:
         take = f" · take {_e(job['take'])}" if (job.get("take") or 1) > 1 else ""
         chain = ""
         if job.get("inputs"):  # pipelines: what this job was made from, first step first (label, link)
-            links = " → ".join(f'<a href="{_href(str(href))}">{_e(label)}</a>' for label, href in job["inputs"])
+            pairs = [(p, p) if isinstance(p, str) else p for p in job["inputs"]]  # a path, or (label, path)
+            links = " → ".join(f'<a href="{_href(str(href))}">{_e(label)}</a>' for label, href in pairs)
             chain = f"<p class=chain>{links} → <b>this</b></p>"
         buttons = ""
         if self.review_token is not None and done:

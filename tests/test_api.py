@@ -179,9 +179,9 @@ def test_the_readme_python_example_runs_against_the_embedded_sandbox(tmp_path: P
     done = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "18 jobs; warnings: []"
-    assert lines[1] == "18 to run, 0 already done"
-    assert lines[2].startswith("complete RunTally(ran=18, done=18, failed=0, skipped=0,")
-    files = [line.split()[0] for line in lines[3:21]]
-    assert len(files) == 18 and all((tmp_path / f).is_file() for f in files)
-    assert lines[21] == "{'done': 18} []"
+    assert lines[0] == "21 jobs; warnings: []"  # the demo: a pipeline of 21 jobs
+    assert lines[1] == "21 to run, 0 already done"
+    assert lines[2].startswith("complete RunTally(ran=21, done=21, failed=0, skipped=0,")
+    files = [line.split()[0] for line in lines[3:24]]
+    assert len(files) == 21 and all((tmp_path / f).is_file() for f in files)
+    assert lines[24] == "{'done': 21} []"
