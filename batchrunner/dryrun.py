@@ -104,17 +104,26 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
         jobs = [(row[0], None, row[5], "") for row in stored.values() if row[6]]
     present = _Files(out)
     remade: dict[str, str] = {}  # pipelines: finished jobs made again, as an input of theirs is
+    blocked: set[str] = set()  # pipelines: jobs failed unsent, as an input of theirs stays failed
     if plan is not None and plan.reference_at is not None and stored:
 
         def finished(s: JobSpec) -> bool:
             row = stored.get(s.id)
             return row is not None and row[1] == "done" and (present.has(row[2]) or bool(row[2] and present.has(_moved(s.path, row[2]))))
 
+        def failed(s: JobSpec) -> bool:
+            row = stored.get(s.id)
+            return row is not None and row[1] == "failed" and not (row[3] or config.retry_failed)
+
         remade = pipeline.remade(plan.specs, finished)
+        blocked = pipeline.blocked(plan.specs, finished, failed)
     done = files_gone = in_flight = ambiguous = stays_failed = to_submit = 0
     cost: float | None = 0.0
     unknown: set[str] = set()
     for job_id, spec_path, credits, model in jobs:
+        if job_id in blocked:
+            stays_failed += 1
+            continue
         row = stored.get(job_id)
         if row is not None:
             state = row[1]

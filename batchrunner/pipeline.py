@@ -410,6 +410,22 @@ def remade(specs: list[JobSpec], finished: Callable[[JobSpec], bool]) -> dict[st
     return out
 
 
+def blocked(specs: list[JobSpec], finished: Callable[[JobSpec], bool], failed: Callable[[JobSpec], bool]) -> set[str]:
+    """Unfinished jobs a run fails without sending them: an input of theirs, directly or not, stays failed."""
+    by_id = {s.id: s for s in specs}
+    memo: dict[str, bool] = {}
+
+    def stuck(job_id: str) -> bool:
+        if job_id not in memo:
+            spec = by_id.get(job_id)
+            memo[job_id] = False
+            if spec is not None and not finished(spec):
+                memo[job_id] = failed(spec) or any(map(stuck, spec.after))
+        return memo[job_id]
+
+    return {s.id for s in specs if s.after and not finished(s) and any(map(stuck, s.after))}
+
+
 def reasons(specs: list[JobSpec], known: Callable[[str], bool], redo: dict[str, str]) -> list[tuple[str, str, int]]:
     """Why a re-run makes each pipeline job it makes: (step, reason, jobs), for ``plan`` of a folder run before."""
     found: dict[tuple[str, str], int] = {}

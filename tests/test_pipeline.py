@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from batchrunner.catalog import load_catalog
+from batchrunner.dryrun import preview
 from batchrunner.errors import ManifestError
 from batchrunner.expand import JobSpec, Plan, expand, job_id
 from batchrunner.manifest import load
@@ -324,6 +325,9 @@ async def test_an_upstream_failure_fails_its_dependents_unsent_then_retry_runs_t
             assert cutout["sends"] == video["sends"] == 0 and cutout["credits_spent"] == video["credits_spent"] == 0
         again = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)  # a plain run: the API's failure stays
         assert again.counts == {"done": 6, "failed": 6} and sb.stats.tasks_created == 8
+        planned = preview(plan_of(m), cfg(tmp_path))  # plan, the dry run, says the same: nothing to send, 6 failed
+        assert (planned.to_submit, planned.stays_failed) == (0, 6)
+        assert preview(plan_of(m), cfg(tmp_path, retry_failed=True)).to_submit == 6
         sb.config = replace(sb.config, fail_prompts=())
         retried = await run_campaign(None, cfg(tmp_path, retry_failed=True), api_key=KEY, base_url=url)  # `batchrunner retry DIR`
         assert retried.outcome == "complete" and retried.counts == {"done": 12}
@@ -477,3 +481,17 @@ def test_the_demo_is_a_pipeline_from_the_shipped_photos_and_its_gallery_shows_ea
     again = cli("run", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path), cwd=root)
     assert again.returncode == 0 and "ran 5 (5 done), skipped 16 already done" in again.stdout  # hero, cut-out, video, sheet; video
     assert (tmp_path / "rejected/perfume/hero-1_1.take1.png").is_file() and (tmp_path / "rejected/watch/video-9_16.take1.mp4").is_file()
+
+
+def test_the_cli_retry_runs_the_failed_upstream_jobs_then_their_dependents(write, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    m = write("chain.yaml", CHAIN)
+    out = str(tmp_path / "out")
+    failed = cli("run", str(m), "--sandbox", "--sandbox-failure-rate", "1", "--out", out, "--quiet")
+    assert failed.returncode == 1
+    status = cli("status", out)
+    assert "failed       12" in status.stdout and "input lamp/1_1/hero failed" in status.stdout
+    assert json.loads(cli("status", out, "--json").stdout)["requests"]["sent"] == 4  # the heroes only: dependents unsent
+    retried = cli("retry", out, "--sandbox", "--quiet")
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert "ran 12 (12 done)" in retried.stdout
+    report_of(Path(out))
