@@ -49,6 +49,7 @@ _RESULT = re.compile(re.escape(RESULT_PREFIX) + r"([0-9a-f]{20})")
 REFERENCE = re.compile(r"([A-Za-z_]\w*)\.(?:(\d+)\.)?(url|urls|variant)")
 NO_REFERENCES = ("model", "path", "callback_url", "vars", "matrix", "variants", "id")
 MAX_CACHE = 200_000
+MAX_STEPS = 50  # a chain longer than this is refused (what a campaign needs is a handful)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,37 +217,59 @@ class Links:
         return refs
 
     def _order(self, prepared: list[_Job]) -> list[_Job]:
-        """The jobs, upstream before downstream; a circular chain is a problem (its jobs are left out)."""
-        x, done, out = self.x, set(), []
-        state: dict[int, int] = {}
-
-        def visit(job: _Job, path: list[_Job]) -> bool:
-            if state.get(id(job)) == 2:
-                return True
-            if state.get(id(job)) == 1:
-                loop = [*path[path.index(job) :], job]
-                chain = " → ".join(f"{j.name or j.where}" for j in loop)
-                x.problem(
-                    job.job.file,
-                    job.fields.line_of("id"),
-                    f"{job.where}: circular references ({chain}) — a job cannot use its own result, directly or through others",
-                )
-                return False
-            state[id(job)] = 1
-            ok = True
-            for ref in job.refs:
-                if ref.attr != "variant":
-                    ok = visit(self.by_name[ref.upstream], [*path, job]) and ok
-            state[id(job)] = 2
-            if ok:
-                out.append(job)
-                done.add(id(job))
-            else:
-                self.broken.add(id(job))
-            return ok
-
+        """The jobs, upstream before downstream (no recursion: a chain may be long); a circular chain, or one
+        longer than :data:`MAX_STEPS`, is a problem, and the jobs on it or after it are left out."""
+        x = self.x
+        uses = {
+            id(j): list({id(u): u for u in (self.by_name[r.upstream] for r in j.refs if r.attr != "variant")}.values()) for j in prepared
+        }
+        users: dict[int, list[_Job]] = {}
+        waiting = {id(j): len(uses[id(j)]) for j in prepared}
         for job in prepared:
-            visit(job, [])
+            for up in uses[id(job)]:
+                users.setdefault(id(up), []).append(job)
+        ready = deque(j for j in prepared if not waiting[id(j)])
+        depth: dict[int, int] = {}
+        out = []
+        while ready:
+            job = ready.popleft()
+            depth[id(job)] = 1 + max((depth[id(u)] for u in uses[id(job)]), default=0)
+            if depth[id(job)] == MAX_STEPS + 1:
+                text = f"{job.where}: it ends a chain of more than {MAX_STEPS} steps — shorten the pipeline"
+                x.problem(job.job.file, job.fields.line_of("id"), text)
+                self.broken.add(id(job))
+            out.append(job)
+            for user in users.get(id(job), []):
+                waiting[id(user)] -= 1
+                if not waiting[id(user)]:
+                    ready.append(user)
+        left = {id(j): j for j in prepared if id(j) not in depth}  # on a loop, or after one
+        for start in list(left.values()):
+            if id(start) not in left:
+                continue
+            seen: dict[int, int] = {}
+            walk: list[_Job] = []
+            on: _Job | None = start
+            while on is not None and id(on) in left and id(on) not in seen:
+                seen[id(on)] = len(walk)
+                walk.append(on)
+                on = next((u for u in uses[id(on)] if id(u) in left), None)  # None: after a loop already reported
+            if on is not None and id(on) in seen:
+                job = on
+                loop = [*walk[seen[id(job)] :], job]
+                chain = " → ".join(f"{j.name or j.where}" for j in reversed(loop))
+                first = min(loop[:-1], key=lambda j: j.job.index)
+                x.problem(
+                    first.job.file,
+                    first.fields.line_of("id"),
+                    f"{first.where}: circular references ({chain}) — a job cannot use its own result, directly or through others",
+                )
+            for j in walk:
+                left.pop(id(j), None)
+                self.broken.add(id(j))
+        for job in prepared:
+            if id(job) not in depth:
+                self.broken.add(id(job))
         return out
 
     def _inherit(self, job: _Job) -> None:

@@ -49,7 +49,7 @@ def _job_record(row: Any, store: Store | None = None) -> dict[str, Any]:
         "review": row["review"], "take": row["take"], "intended_path": spec.get("path"),
     }  # fmt: skip
     if "step" in spec or "after" in spec:  # pipelines: its step, and what it was made from
-        record |= {"step": spec.get("step"), "inputs": made_from(store, spec) if store is not None else []}
+        record |= {"step": spec.get("step") or row["model"], "inputs": made_from(store, spec) if store is not None else []}
     return record
 
 

@@ -495,3 +495,12 @@ def test_the_cli_retry_runs_the_failed_upstream_jobs_then_their_dependents(write
     assert retried.returncode == 0, retried.stdout + retried.stderr
     assert "ran 12 (12 done)" in retried.stdout
     report_of(Path(out))
+
+
+def test_a_chain_too_long_is_refused_once_whatever_the_order_it_is_written_in(write) -> None:  # type: ignore[no-untyped-def]
+    steps = ['  - id: s0\n    model: flux-2\n    prompt: "start"\n']
+    steps += [f'  - id: s{i}\n    model: recraft-remove-bg\n    input: {{image_url: "{{s{i - 1}.url}}"}}\n' for i in range(1, 60)]
+    for name, order in (("forward.yaml", steps), ("backward.yaml", steps[::-1])):
+        found = problems(write(name, "jobs:\n" + "".join(order)))
+        assert len(found) == 1 and "jobs[" in found[0] and "it ends a chain of more than 50 steps" in found[0], found
+    assert len(plan_of(write("fifty.yaml", "jobs:\n" + "".join(steps[:50]))).specs) == 50
