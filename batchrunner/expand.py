@@ -48,7 +48,7 @@ DEFAULT_PATH = "{job_id}.{ext}"
 EXT = "{ext}"  # kept in a spec's path until the downloaded file's real type is known
 _DOT_EXT = "." + EXT
 FILE_PREFIX = "file:"  # a string value naming a local file to send (relative to the manifest's folder)
-SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext")
+SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext", "step")  # step: the job's id: (else its model), unless a var says
 
 # Bounds (the README lists them). A prompt far longer than any model reads, or a body that
 # large, is a mistake, and each is stored with the job's state and sent on every retry.
@@ -646,7 +646,8 @@ class _Expansion:
         index = len(self.specs)
         try:
             rel = self.templates.render(
-                job.path_tpl, {**env, "model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT}
+                job.path_tpl,
+                {"step": job.name or model_name, **env, "model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT},
             )
             rel = safe_path(str(rel))
         except _Missing as missing:

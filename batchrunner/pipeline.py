@@ -488,11 +488,30 @@ def chain(store: Store, spec: dict[str, Any]) -> list[tuple[str, str]]:
         return []
     files = [str(v)[len("file:") :] for v in current.get("vars", {}).values() if isinstance(v, str) and v.startswith("file:")]
     stored = [f".batchrunner/inputs/{name}" for name in _input_names(current.get("body", {}))]
-    photos = list(zip(files, stored, strict=False)) if len(files) == len(stored) else [(name, name) for name in stored]
+    photos = list(zip(files, stored, strict=False)) if len(files) == len(stored) else [(f"input {n.rsplit('/', 1)[-1]}", n) for n in stored]
     out = photos[:1]
     for level in reversed(steps[1:]):
         out.append(level[0])
     return out + steps[0]
+
+
+def readable(value: Any, store: Store) -> Any:
+    """``value`` with each result token replaced by ``result of <path>`` (for people: the gallery's parameters)."""
+    if isinstance(value, str) and RESULT_PREFIX in value:
+
+        def path(m: re.Match[str]) -> str:
+            found = store.job_of(m[1])
+            if found is None:
+                return m[0]
+            state, done_path, spec = found
+            return "result of " + (done_path if state == "done" and done_path else str(json.loads(spec)["path"]).replace("{ext}", "*"))
+
+        return _RESULT.sub(path, value)
+    if isinstance(value, dict):
+        return {k: readable(v, store) for k, v in value.items()}
+    if isinstance(value, list):
+        return [readable(v, store) for v in value]
+    return value
 
 
 def _input_names(body: Any) -> list[str]:

@@ -25,6 +25,7 @@ from .catalog import model_fields
 from .download import create_new, write_error
 from .errors import ReportError, redact
 from .pipeline import chain as made_from
+from .pipeline import readable
 from .store import Store
 
 CSV_COLUMNS = (
@@ -50,6 +51,8 @@ def _job_record(row: Any, store: Store | None = None) -> dict[str, Any]:
     }  # fmt: skip
     if "step" in spec or "after" in spec:  # pipelines: its step, and what it was made from
         record |= {"step": spec.get("step") or row["model"], "inputs": made_from(store, spec) if store is not None else []}
+        if store is not None:  # an upstream result by its path, not its token
+            record["parameters"] = readable(record["parameters"], store)
     return record
 
 
@@ -224,6 +227,13 @@ def _media(job: dict[str, Any], size: tuple[int, int] | None = None, src: str | 
     return f'<a class="file" href="{src}">{_e(path)}</a>'
 
 
+def _step(label: str, href: str) -> str:
+    """One step of a pipeline card's chain: a thumbnail of an image (named by its title), else its name."""
+    if _kind(href) == "image" and "*" not in href:
+        return f'<a href="{_href(href)}" title="{_e(label)}"><img class=thumb src="{_href(href)}" alt="{_e(label)}" loading=lazy></a>'
+    return f'<a href="{_href(href)}">{_e(label)}</a>'
+
+
 def _href(path: str) -> str:
     """A relative, URL-quoted, HTML-escaped link to a file under the output folder."""
     return _e("/".join(quote(segment) for segment in path.split("/")))
@@ -388,7 +398,7 @@ class Gallery:
         chain = ""
         if job.get("inputs"):  # pipelines: what this job was made from, first step first (label, link)
             pairs = [(p, p) if isinstance(p, str) else p for p in job["inputs"]]  # a path, or (label, path)
-            links = " → ".join(f'<a href="{_href(str(href))}">{_e(label)}</a>' for label, href in pairs)
+            links = " → ".join(_step(str(label), str(href)) for label, href in pairs)
             chain = f"<p class=chain>{links} → <b>this</b></p>"
         buttons = ""
         if self.review_token is not None and done:
@@ -529,6 +539,7 @@ main{padding:8px 24px 40px}h2{border-bottom:1px solid #ccc;padding-bottom:4px}.m
 .card[data-review=rejected]::before{content:"✗ rejected";background:#b00020}.card[data-review=rejected] .media{opacity:.55}
 figcaption{padding:8px 10px}figcaption p{margin:2px 0}.prompt{font-style:italic}
 .path,.chain{font-family:monospace;font-size:12px;word-break:break-all}
+.chain img.thumb{width:48px;height:48px;object-fit:cover;vertical-align:middle;border:1px solid #ccc;border-radius:3px}
 .decide{display:flex;gap:6px;padding:0 10px 10px;margin:0}.decide button{flex:1;cursor:pointer;border:1px solid #bbb;border-radius:4px;
  background:#fff;padding:4px}.card[data-review=approved] [data-d=approved]{background:#2a9d8f;color:#fff}
 .card[data-review=rejected] [data-d=rejected]{background:#b00020;color:#fff}

@@ -37,15 +37,13 @@ matrix: {product: [lamp, chair], ratio: ["1:1", "9:16"]}
 path: "{product}/{ratio}/{step}.{ext}"
 jobs:
   - id: hero
-    vars: {step: hero}
     model: flux-2
     prompt: "{product} on oak, soft daylight"
     input: {aspect_ratio: "{ratio}"}
   - id: cutout
-    vars: {step: cutout}
     model: recraft-remove-bg
     input: {image_url: "{hero.url}"}
-  - vars: {step: video}
+  - vars: {step: video}                   # a var named step wins over the job's id in path
     model: kling-video-turbo
     input: {prompt: "{product} turning slowly", image_url: "{cutout.url}", duration: "5"}
 """
@@ -221,7 +219,7 @@ jobs:
 def test_a_real_run_of_a_pipeline_needs_storage_for_the_results(write) -> None:  # type: ignore[no-untyped-def]
     m = write("m.yaml", CHAIN)
     done = cli("plan", str(m))
-    assert done.returncode == 2 and f"{m}:13:" in done.stderr and "other jobs' results ({ID.url}) need object storage" in done.stderr
+    assert done.returncode == 2 and f"{m}:11:" in done.stderr and "other jobs' results ({ID.url}) need object storage" in done.stderr
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -418,7 +416,7 @@ def test_plan_shows_steps_credits_and_why_a_rerun_makes_what_it_makes(write, tmp
     assert planned["steps"] == [
         {"step": "hero", "model": "flux-2", "jobs": 4, "credits": 16.0, "uses": []},
         {"step": "cutout", "model": "recraft-remove-bg", "jobs": 4, "credits": 4.0, "uses": ["hero"]},
-        {"step": "kling-video-turbo (line 14)", "model": "kling-video-turbo", "jobs": 4, "credits": 80.0, "uses": ["cutout"]},
+        {"step": "kling-video-turbo (line 12)", "model": "kling-video-turbo", "jobs": 4, "credits": 80.0, "uses": ["cutout"]},
     ]
     text = cli("plan", str(m), "--sandbox", "--out", str(out)).stdout
     assert "steps (a job waits for the results it uses" in text and "uses hero" in text
@@ -429,13 +427,13 @@ def test_plan_shows_steps_credits_and_why_a_rerun_makes_what_it_makes(write, tmp
     assert planned["redo"] == [
         {"step": "hero", "why": "new or edited", "jobs": 4},
         {"step": "cutout", "why": "hero changed (its id is new)", "jobs": 4},
-        {"step": "kling-video-turbo (line 14)", "why": "cutout changed (its id is new)", "jobs": 4},
+        {"step": "kling-video-turbo (line 12)", "why": "cutout changed (its id is new)", "jobs": 4},
     ]
     write("chain.yaml", m.read_text().replace("on walnut,", "on oak,"))
     (out / "chair/1_1/hero.png").unlink()
     planned = json.loads(cli("plan", str(m), "--sandbox", "--out", str(out), "--json").stdout)
     assert planned["to_submit"] == 3 and planned["files_gone"] == 1
-    assert [(r["step"], r["jobs"]) for r in planned["redo"]] == [("cutout", 1), ("kling-video-turbo (line 14)", 1)]
+    assert [(r["step"], r["jobs"]) for r in planned["redo"]] == [("cutout", 1), ("kling-video-turbo (line 12)", 1)]
     assert all("results of hero it uses, directly or not, are made again" in r["why"] for r in planned["redo"])
     ran = cli("run", str(m), "--sandbox", "--out", str(out))
     assert ran.returncode == 0 and "ran 3 (3 done), skipped 9 already done" in ran.stdout
@@ -467,9 +465,14 @@ def test_the_demo_is_a_pipeline_from_the_shipped_photos_and_its_gallery_shows_ea
     steps = {j["step"] for j in report["jobs"]}
     assert steps == {"hero", "cutout", "video", "sheet"}
     for stem in ("perfume", "sneaker", "watch"):
-        assert (root / "manifests/photos" / f"{stem}.png").stat().st_size < 4096  # small files in the repository
+        photo = root / "manifests/photos" / f"{stem}.png"
+        assert photo.stat().st_size < 4096  # small files in the repository
         video = next(j for j in report["jobs"] if j["path"] == f"{stem}/video-9_16.mp4")
-        assert [label for label, _ in video["inputs"]] == [f"photos/{stem}.png", f"{stem}/hero-9_16.png", f"{stem}/cutout-9_16.png"]
+        assert [label for label, _ in video["inputs"]] == [
+            f"input {sha(photo.read_bytes())}.png", f"{stem}/hero-9_16.png", f"{stem}/cutout-9_16.png"
+        ]  # fmt: skip
+        assert (tmp_path / video["inputs"][0][1]).read_bytes() == photo.read_bytes()  # the photo's stored copy
+        assert video["parameters"]["image_url"] == f"result of {stem}/cutout-9_16.png"
         sheet = next(j for j in report["jobs"] if j["path"] == f"{stem}/sheet.png")
         assert [label for label, _ in sheet["inputs"]][-2:] == [f"{stem}/cutout-1_1.png", f"{stem}/cutout-9_16.png"]
     gallery = (tmp_path / "report.html").read_text()
