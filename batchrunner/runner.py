@@ -59,7 +59,7 @@ from .errors import (
     Unreachable,
 )
 from .expand import Plan
-from .inputs import TOKEN_PREFIX, InputFile, Inputs, LoopbackStorage, resolve, tokens
+from .inputs import CONTENT_TYPES, TOKEN_PREFIX, InputFile, Inputs, LoopbackStorage, resolve, tokens
 from .pipeline import Flow, result_ids, result_token
 from .pipeline import resolve as resolve_results
 from .storage import SIDECAR, Storage, complete, open_storage
@@ -538,8 +538,10 @@ class Runner:
         if self.results is not None:
             return await self.results.presign(rel, self.config.url_lifetime_s)
         assert self.inputs is not None
-        file = InputFile(self.config.out_dir / rel, sha256, size, rel.rsplit(".", 1)[-1].lower())
-        return await self.inputs.url(file)
+        ext = rel.rsplit(".", 1)[-1].lower()
+        if ext not in CONTENT_TYPES:
+            raise StorageError(f"input {rel} is not a media file the API can take ({ext})")
+        return await self.inputs.url(InputFile(self.config.out_dir / rel, sha256, size, ext))
 
     def _input_key(self, name: str) -> str:
         assert self.inputs is not None
