@@ -520,12 +520,14 @@ class Runner:
             urls = {name: await self.inputs.storage.presign(self._input_key(name), self.inputs.lifetime_s) for name in names}
         body = dict(resolve(job.body, urls)) if urls else job.body
         if upstream:
-            results = {uid: await self._result_url(uid) for uid in upstream}
+            used: dict[str, str] = {}
+            results = {uid: await self._result_url(uid, used) for uid in upstream}
             body = dict(resolve_results(body, results))
             urls |= {result_token(uid): url for uid, url in results.items()}
+            self.store.record_inputs(job, used)  # what it is made from, committed with the submit
         return body, urls
 
-    async def _result_url(self, job_id: str) -> str:
+    async def _result_url(self, job_id: str, used: dict[str, str]) -> str:
         """A freshly presigned URL to our own stored copy of an upstream job's result (never the API's fileURL: it carries the key).
 
         In the bucket when results are kept there; otherwise the local result is put once
@@ -535,6 +537,7 @@ class Runner:
         if found is None:
             raise StorageError(f"input {job_id} is not done (its result was deleted or rejected since) — run again to remake it first")
         rel, sha256, size = found
+        used[job_id] = sha256
         if self.results is not None:
             return await self.results.presign(rel, self.config.url_lifetime_s)
         assert self.inputs is not None

@@ -121,8 +121,8 @@ MIGRATIONS = (
     # 5: object storage — when a done job's result and sidecar were stored whole in the bucket (storage.url)
     "ALTER TABLE jobs ADD COLUMN stored_at REAL;",
     # 6: pipelines — which jobs' results a job uses, both by the id the manifest knows them by
-    # (a retaken job keeps it in ``origin``); see batchrunner/pipeline.py
-    "CREATE TABLE needs (job TEXT NOT NULL, upstream TEXT NOT NULL, PRIMARY KEY (job, upstream)) WITHOUT ROWID; "
+    # (a retaken job keeps it in ``origin``), and the sha256 of the result it was last sent; see batchrunner/pipeline.py
+    "CREATE TABLE needs (job TEXT NOT NULL, upstream TEXT NOT NULL, sha256 TEXT, PRIMARY KEY (job, upstream)) WITHOUT ROWID; "
     "CREATE INDEX needs_by_upstream ON needs (upstream);",
 )
 
@@ -329,7 +329,7 @@ class Store:
             conn.executemany("INSERT INTO incoming VALUES (?,?,?,?,?,?)", rows())
             if linked:
                 conn.execute(
-                    "INSERT OR IGNORE INTO needs SELECT i.id, a.value FROM incoming i, json_each(i.spec, '$.after') a "
+                    "INSERT OR IGNORE INTO needs (job, upstream) SELECT i.id, a.value FROM incoming i, json_each(i.spec, '$.after') a "
                     "WHERE json_type(i.spec, '$.after') = 'array'"
                 )
             if conn.execute("SELECT 1 FROM jobs WHERE origin IS NOT NULL LIMIT 1").fetchone():  # retaken jobs: see retake_rejected
@@ -472,7 +472,7 @@ class Store:
             while True:  # a remade job's own dependents are remade too
                 n = conn.execute(
                     f"UPDATE jobs SET state = 'waiting', path = NULL, sha256 = NULL, bytes = NULL, stored_at = NULL, updated_at = ? "
-                    f"WHERE state = 'done' AND in_manifest = 1 AND {_UNREADY}",
+                    f"WHERE state = 'done' AND in_manifest = 1 AND ({_UNREADY} OR {_STALE})",
                     (now,),
                 ).rowcount
                 found["remade"] += n
@@ -519,6 +519,22 @@ class Store:
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE (id IN {wanted} OR origin IN {wanted}) AND state = 'waiting' {condition} ORDER BY idx",
             (found[0], found[0]),
         ).fetchall()
+
+    def record_inputs(self, job: Job, used: dict[str, str]) -> None:
+        """Record (in the open batch, committed with the submit) the sha256 of each upstream result ``job`` is sent:
+        {upstream id: sha256}. A job made from a result that has since been made again is remade (:meth:`settle`)."""
+        if self._broken is not None:
+            raise self._broken
+        sql = "UPDATE needs SET sha256 = ? WHERE upstream = ? AND job = (SELECT coalesce(origin, id) FROM jobs WHERE id = ?)"
+        try:
+            if not self._conn.in_transaction:
+                self._batch.clear()
+                self._conn.execute("BEGIN")
+            for upstream, sha256 in used.items():
+                self._batch.append((sql, (sha256, upstream, job.id)))
+                self._conn.execute(sql, (sha256, upstream, job.id))
+        except sqlite3.Error as exc:
+            raise self._write_failed(exc) from exc
 
     def result_of(self, job_id: str) -> tuple[str, str, int] | None:
         """(path, sha256, bytes) of the finished result of the job the manifest knows as ``job_id``; None when it is not done."""
@@ -1339,6 +1355,11 @@ _JOB_COLUMNS = "id, model, modality, spec, state, task_id, credits, submitted_at
 _UNREADY = (
     "EXISTS (SELECT 1 FROM needs n WHERE n.job = coalesce(jobs.origin, jobs.id) AND NOT EXISTS "
     "(SELECT 1 FROM jobs u WHERE (u.id = n.upstream OR u.origin = n.upstream) AND u.state = 'done'))"
+)
+# a job (``jobs``) made from an upstream result that has been made again since (its sha256 differs)
+_STALE = (
+    "EXISTS (SELECT 1 FROM needs n, jobs u WHERE n.job = coalesce(jobs.origin, jobs.id) AND n.sha256 IS NOT NULL "
+    "AND (u.id = n.upstream OR u.origin = n.upstream) AND u.state = 'done' AND u.sha256 IS NOT n.sha256)"
 )
 # a job (``u``) that a waiting job uses
 _HAS_WAITING = (

@@ -507,3 +507,30 @@ def test_a_chain_too_long_is_refused_once_whatever_the_order_it_is_written_in(wr
         found = problems(write(name, "jobs:\n" + "".join(order)))
         assert len(found) == 1 and "jobs[" in found[0] and "it ends a chain of more than 50 steps" in found[0], found
     assert len(plan_of(write("fifty.yaml", "jobs:\n" + "".join(steps[:50]))).specs) == 50
+
+
+async def test_a_job_made_from_an_upstream_result_since_made_again_is_remade(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    m = write("chain.yaml", CHAIN)
+    async with serve(sandbox()) as (sb, url):
+        await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        rows = chains(tmp_path)
+        # a kill while the lamp 1:1 cut-out was in flight, and its hero's file deleted since: the cut-out, already
+        # paid, is collected — made from the old hero — while the hero is made again
+        cutout = rows["lamp/1_1/cutout.{ext}"]
+        with sqlite3.connect(tmp_path / ".batchrunner" / "state.sqlite") as conn:
+            conn.execute("UPDATE jobs SET state = 'submitted', path = NULL, sha256 = NULL WHERE id = ?", (cutout["id"],))
+        (tmp_path / "lamp/1_1/cutout.png").unlink()
+        (tmp_path / "lamp/1_1/hero.png").unlink()
+        first = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert first.counts == {"done": 12} and sb.stats.tasks_created == 14  # the hero again, the video again
+        second = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert second.counts == {"done": 12} and sb.stats.tasks_created == 16  # the stale cut-out and its video
+        third = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert third.counts == {"done": 12} and sb.stats.tasks_created == 16  # settled
+        tasks = sb.tasks
+    rows = chains(tmp_path)
+    hero, cutout, video = (rows[f"lamp/1_1/{step}.{{ext}}"] for step in ("hero", "cutout", "video"))
+    assert dict(tasks[cutout["task_id"]].inputs) == {"input.image_url": hero["sha256"]}
+    assert dict(tasks[video["task_id"]].inputs) == {"input.image_url": cutout["sha256"]}
