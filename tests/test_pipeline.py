@@ -534,3 +534,19 @@ async def test_a_job_made_from_an_upstream_result_since_made_again_is_remade(tmp
     hero, cutout, video = (rows[f"lamp/1_1/{step}.{{ext}}"] for step in ("hero", "cutout", "video"))
     assert dict(tasks[cutout["task_id"]].inputs) == {"input.image_url": hero["sha256"]}
     assert dict(tasks[video["task_id"]].inputs) == {"input.image_url": cutout["sha256"]}
+
+
+def test_waiting_jobs_show_in_status_and_the_report(write, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    m = write("chain.yaml", CHAIN)
+    out = tmp_path / "out"
+    with Store.open(out) as store:  # the state a run leaves when stopped before any hero finished
+        store.claim("chain")
+        store.sync(plan_of(m).specs)
+        assert store.settle() == {"waiting": 8, "remade": 0, "failed": 0}
+    status = cli("status", str(out))
+    assert "pending      4" in status.stdout and "waiting      8  (for other jobs' results: pipelines)" in status.stdout
+    assert json.loads(cli("status", str(out), "--json").stdout)["counts"] == {"pending": 4, "waiting": 8}
+    assert cli("report", str(out)).returncode == 0
+    page = (out / "report.html").read_text()
+    assert page.count('data-state="waiting"') == 8 and "waiting for its inputs (other jobs&#x27; results)" in page
+    assert {j["state"] for j in json.loads((out / "report.json").read_text())["jobs"]} == {"pending", "waiting"}
