@@ -380,7 +380,8 @@ def test_a_pipeline_job_shows_its_chain() -> None:
     page = Gallery(summary(), None)
     page.add(job(inputs=["base/shot.png", "base/shot-upscaled.png"], step="animate"))
     html = page.render()
-    assert '<p class=chain><a href="base/shot.png">base/shot.png</a> → <a href="base/shot-upscaled.png">' in html
+    assert '<p class=chain><a href="base/shot.png" title="base/shot.png"><img class=thumb src="base/shot.png"' in html  # a thumbnail
+    assert '<a href="base/shot-upscaled.png" title="base/shot-upscaled.png"><img class=thumb' in html and "→ <b>this</b>" in html
     assert 'data-step="animate"' in html
 
 
