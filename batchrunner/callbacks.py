@@ -284,8 +284,13 @@ class Hub:
         elif first:
             self._expired.add(job_id)
 
-    def finished(self, job_id: str) -> bool:
-        """A poll found the job finished: learn whether a callback announced it (True: it finished just before this poll)."""
+    def finished(self, job_id: str) -> float | None:
+        """A poll found the job finished: learn whether a callback announced it.
+
+        Returns None when none did, else how many seconds before the poll it replaced this poll
+        came (0 when that is not known): the runner learns the job's duration as that poll would
+        have found it, so that callbacks change when jobs are asked, not what the schedule learns.
+        """
         announced = job_id in self._hinted or job_id in self._hints
         due = self._due.pop(job_id, 0.0)
         self._hinted.discard(job_id)
@@ -299,11 +304,14 @@ class Hub:
             # Counted only once the poll a callback replaced would have come: a lost callback shows only at a poll, so
             # counting announced finishes sooner would overrate callbacks early on — and the stretch that follows
             # would delay the very polls that find the lost ones (a run losing 30 % would stretch itself).
-            if due > anyio.current_time():
+            now = anyio.current_time()
+            if due > now:
                 heapq.heappush(self._maturing, (due, self.counts["finished"], record))
             else:
                 self.announced.append(record)
+            ahead: float | None = max(0.0, due - now)
         else:
+            ahead = None
             self.announced.append(record)
             self._unannounced[job_id] = record
             if len(self._unannounced) > 1000:
@@ -311,7 +319,7 @@ class Hub:
         self._stretch = None
         if self.counts["finished"] % 10 == 0:
             self.save()
-        return announced
+        return ahead
 
     def stretch(self) -> float:
         now = anyio.current_time()
