@@ -28,7 +28,6 @@ import ipaddress
 import json
 import math
 import secrets
-import sqlite3
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
@@ -341,7 +340,7 @@ class Hub:
         if self._store is None or self._kept[job_id] > KEEP_PER_JOB:
             return
         # the state file may be closed (the run has ended) or broken (the runner says so): the record is only for diagnosis
-        with contextlib.suppress(BatchRunnerError, sqlite3.Error):
+        with contextlib.suppress(BatchRunnerError):  # the store turns any SQLite error into one of ours
             self._store.record_event(job_id, "callback", json.dumps(detail, ensure_ascii=False))
 
     def save(self) -> None:

@@ -1,19 +1,27 @@
 """The model catalog, and the one function that turns a job's fields into a request body.
 
-The shipped ``catalog.csv`` holds the models the public docs name. Its columns:
+The shipped ``catalog.csv`` claims only what the public docs state: the model ids, the
+alias ``kling-2-5`` → ``kling-video-turbo``, and each id's modality; its ``source`` column
+says where each row comes from. The public docs give no per-model parameter table, enum,
+required field or price, so the shipped file has none and nothing is refused for them.
+An empty ``input_style`` means the docs do not say: the fields go under ``input``, as for
+48 of the 54 public routes. Columns:
 
 ``id``           model id as sent in ``model`` (or an alias)
 ``modality``     image | video | audio
-``input_style``  standard (fields under ``input``) | root (fields at the body root)
-``credits``      price per job, empty when not public
+``input_style``  standard (fields under ``input``) | root (fields at the body root); empty: standard
+``credits``      price per job, empty when not known
 ``alias_of``     for an alias, the id it stands for (accepted with a warning)
-``required``     ``;``-separated fields a job must give
-``parameters``   ``;``-separated known fields; ``name=a|b|c`` restricts a field to those values
+``required``     fields a job must give (``;`` or ``,`` between them)
+``parameters``   known fields (``;`` or ``,`` between them); ``name=a|b|c`` restricts a field to those values
 ``source``       where the row comes from (free text)
 
-Any CSV with these columns (``model``/``type``/``input`` are accepted as column names too)
-extends or replaces rows by id: ``--catalog FILE`` or ``BATCHRUNNER_CATALOG``. Parameters a
-row does not name are passed through: we never know a model's whole schema.
+A catalog the user loads (``--catalog FILE`` or ``BATCHRUNNER_CATALOG``, such as the
+official ``cliprise-api-catalog.csv``) extends or replaces rows by id and is enforced as
+given: its required fields and enums are checked before anything is sent, and a field its
+``parameters`` do not name is a warning (we never know that a list is complete). Usual
+spellings of the column names are accepted (``model``, ``model_id``, ``type``,
+``input_type``, ``price``, ``alias``, ``params``, ``required_fields`` …).
 """
 
 from __future__ import annotations
@@ -25,19 +33,25 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem
+from .manifest import MAX_CSV_BYTES, csv_rows, read_text
 
 SHIPPED = Path(__file__).with_name("catalog.csv")
 MODALITIES = ("image", "video", "audio")
 # Fields that the API wants as JSON *strings* at the body root, whatever the input style.
 STRINGIFIED: dict[str, type] = {"options": dict, "imageURLList": list, "videoURLList": list}
-_COLUMN_ALIASES = {
-    "model": "id",
-    "model_id": "id",
-    "type": "modality",
-    "input": "input_style",
-    "input_type": "input_style",
-    "price": "credits",
-}
+_COLUMN_ALIASES = {  # header cells are compared lower-cased, with spaces and dashes as "_"
+    "model": "id", "model_id": "id", "route": "id",
+    "type": "modality", "media": "modality", "media_type": "modality", "category": "modality", "output": "modality",
+    "input": "input_style", "input_type": "input_style", "request_style": "input_style",
+    "price": "credits", "cost": "credits", "credits_per_job": "credits", "credits_per_run": "credits",
+    "alias": "alias_of", "alias_for": "alias_of",
+    "required_fields": "required", "required_params": "required", "required_parameters": "required",
+    "params": "parameters", "fields": "parameters", "inputs": "parameters",
+}  # fmt: skip
+_STYLES = {
+    "standard": "standard", "standard-input": "standard", "standard_input": "standard", "standard input": "standard",
+    "root": "root", "root-only": "root", "root_only": "root", "root only": "root",
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +66,7 @@ class Model:
     required: tuple[str, ...] = ()
     parameters: tuple[str, ...] = ()
     enums: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    source: str = ""
 
     @property
     def root_only(self) -> bool:
@@ -81,35 +96,38 @@ def _fields(model: Model) -> dict[str, Any]:
 
 
 def _split(cell: str) -> list[str]:
-    return [part.strip() for part in (cell or "").split(";") if part.strip()]
+    return [part.strip() for part in (cell or "").replace(",", ";").split(";") if part.strip()]
 
 
 def _parse_rows(path: Path, problems: list[Problem]) -> dict[str, Model]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        problems.append(Problem(str(path), None, f"cannot read the catalog: {exc.strerror} — check --catalog / BATCHRUNNER_CATALOG"))
+    text = read_text(path, MAX_CSV_BYTES, "the catalog (--catalog / BATCHRUNNER_CATALOG)", problems)
+    if text is None:
         return {}
     reader = csv.DictReader(text.splitlines())
-    header = [(_COLUMN_ALIASES.get(h.strip().lower(), h.strip().lower())) for h in reader.fieldnames or []]
+    try:
+        cells = [h.strip().lower().replace(" ", "_").replace("-", "_") for h in reader.fieldnames or []]
+        header = [_COLUMN_ALIASES.get(cell, cell) for cell in cells]
+    except csv.Error as exc:
+        problems.append(Problem(str(path), 1, f"the header cannot be read as CSV: {exc}"))
+        return {}
     if "id" not in header or "modality" not in header:
         problems.append(Problem(str(path), 1, "a catalog needs at least the columns id and modality — see `batchrunner models --help`"))
         return {}
     reader.fieldnames = header
     models: dict[str, Model] = {}
-    for row in reader:
+    for row in csv_rows(reader, str(path), problems):
         line = reader.line_num
         mid = (row.get("id") or "").strip()
         modality = (row.get("modality") or "").strip().lower()
-        style = (row.get("input_style") or "standard").strip().lower() or "standard"
-        style = {"root-only": "root", "root_only": "root", "standard-input": "standard"}.get(style, style)
+        written_style = (row.get("input_style") or "").strip().lower()
+        style = _STYLES.get(written_style or "standard")
         if not mid:
             continue
         if modality not in MODALITIES:
             problems.append(Problem(str(path), line, f"model {mid}: modality {modality!r} is not one of {', '.join(MODALITIES)}"))
             continue
-        if style not in ("standard", "root"):
-            problems.append(Problem(str(path), line, f"model {mid}: input_style {style!r} is not standard or root"))
+        if style is None:
+            problems.append(Problem(str(path), line, f"model {mid}: input_style {written_style!r} is not standard or root"))
             continue
         credits_cell = (row.get("credits") or "").strip()
         try:
@@ -132,6 +150,7 @@ def _parse_rows(path: Path, problems: list[Problem]) -> dict[str, Model]:
             required=tuple(_split(row.get("required") or "")),
             parameters=tuple(params),
             enums=enums,
+            source=(row.get("source") or "").strip() or f"{path.name}, line {line}",
         )
     return models
 
@@ -146,7 +165,7 @@ def load_catalog(extra: Path | None = None, *, replace: bool = False) -> tuple[C
 
 
 def check_fields(model: Model, fields: dict[str, Any]) -> list[str]:
-    """What is wrong with a job's model fields: missing required ones, values outside a known enum."""
+    """What is wrong with a job's model fields: missing required ones, values outside an enum of the catalog."""
     errors = []
     for name in model.required:
         if fields.get(name) in (None, ""):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .errors import (
     RateLimited,
     TransientApiError,
     UnknownTask,
+    Unreachable,
     redact,
     register_secret,
 )
@@ -65,7 +67,23 @@ class Failed:
     reason: str
 
 
-TaskStatus = Processing | Succeeded | Failed
+@dataclass(frozen=True, slots=True)
+class Unrecognised:
+    """An answer that is neither documented state: a success without a result URL, or a status word never seen before.
+
+    ``status`` is the word the API used (may be empty); ``text`` its answer, redacted and
+    shortened. The runner counts these and fails the job after a bounded number of them.
+    """
+
+    status: str
+    text: str
+
+
+TaskStatus = Processing | Succeeded | Failed | Unrecognised
+# Status words that can only mean the task is over without a result: they fail the job at once.
+FAILURE_WORDS = frozenset(
+    {"failed", "fail", "failure", "error", "errored", "cancelled", "canceled", "rejected", "expired", "aborted", "timeout", "timed_out"}
+)
 
 
 @dataclass(slots=True)
@@ -143,6 +161,27 @@ def _common_errors(http: int, obj: Any, raw: bytes, headers: Any) -> ApiError | 
     return None
 
 
+def endpoint_problems(api_key: str | None, base_url: str | None) -> list[str]:
+    """What is wrong with a key and base URL before anything is sent (a malformed one would fail every request, or worse,
+    fail after the request's state was recorded): empty when both are usable. Never quotes the key."""
+    problems = []
+    if api_key is not None and (not api_key.isprintable() or api_key != api_key.strip() or " " in api_key):
+        problems.append(
+            "CLIPRISE_API_KEY contains a space or a control character (a trailing newline or \\r from a file saved on Windows?) "
+            "— set it to the key alone"
+        )
+    if base_url is not None:
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            parts.port  # noqa: B018 — raises ValueError for a port out of range
+        except ValueError as exc:
+            problems.append(f"CLIPRISE_BASE_URL {base_url!r} is not a URL ({exc}) — set it to http(s)://host[:port]")
+        else:
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(f"CLIPRISE_BASE_URL {base_url!r} is not an http(s) URL with a host — set it to http(s)://host[:port]")
+    return problems
+
+
 class Client:
     """An async client of the Cliprise Business API. Use as ``async with Client(api_key=...) as c``.
 
@@ -197,7 +236,7 @@ class Client:
                 raw = await resp.read()
                 http, resp_headers = resp.status, resp.headers
         except aiohttp.ClientConnectorError as exc:  # refused, DNS: nothing reached the API
-            raise TransientApiError(f"could not connect to {self._base}: {exc.os_error or exc}") from exc
+            raise self._unreachable(exc) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AmbiguousSubmit(f"generate sent but not answered ({type(exc).__name__}): the task may exist") from exc
         obj = _decode(raw)
@@ -222,6 +261,9 @@ class Client:
             return task_id
         raise PermanentApiError(f"generate refused (code {code}): {_message(obj, raw)}", status=200)
 
+    def _unreachable(self, exc: aiohttp.ClientConnectorError) -> Unreachable:
+        return Unreachable(f"cannot reach the API at {self._base}: {exc.os_error or exc}")
+
     def _status_params(self, task_id: str, download: bool) -> dict[str, str]:
         params = {"apiKey": self._key, "taskId": task_id}
         if download:
@@ -244,18 +286,25 @@ class Client:
         return TransientApiError(f"unexpected status answer (HTTP {http}): {_message(obj, raw)}", status=http)
 
     def _interpret(self, http: int, raw: bytes, headers: Any) -> TaskStatus:
-        """A status answer as a state; errors raised. Unknown status values mean "still processing"."""
+        """A status answer as a state; errors raised.
+
+        HTTP 300 is documented as "processing" whatever word it carries (kept in
+        ``Processing.status``). A 200 with a failure word (failed, cancelled, rejected…) is a
+        failure; a 200 with a result URL a success; any other 200 — no ``fileURL``, or a word
+        never seen before — is :class:`Unrecognised`, for the runner to count and bound.
+        """
         obj = _decode(raw)
+        state = str(obj.get("status", "")).strip().lower() if isinstance(obj, dict) else ""
         if http == 300:
-            return Processing()
+            return Processing(state or "processing")
         if http == 200 and isinstance(obj, dict):
-            state = str(obj.get("status", "")).lower()
-            if state == "failed":
-                return Failed(reason=redact(_message(obj, raw)))
+            if state in FAILURE_WORDS:
+                said = any(key in obj for key in ("failMsg", "msg", "message"))
+                return Failed(reason=redact(_message(obj, raw) if said else f"the API answered status {state!r}"))
             url = obj.get("fileURL")
             if isinstance(url, str) and url:
                 return Succeeded(file_url=redact(url))
-            return Processing()
+            return Unrecognised(state, redact(_message(obj, raw))[:300])
         if http == 200:
             raise TransientApiError(f"status answered HTTP 200 without JSON: {_message(obj, raw)}", status=200)
         result = self._status_error(http, obj, raw, headers)
@@ -269,12 +318,14 @@ class Client:
             async with self.session.get(self._base + STATUS_PATH, params=self._status_params(task_id, False)) as resp:
                 raw = await resp.read()
                 http, headers = resp.status, resp.headers
+        except aiohttp.ClientConnectorError as exc:
+            raise self._unreachable(exc) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientApiError(f"status request failed ({type(exc).__name__}): {exc}") from exc
         return self._interpret(http, raw, headers)
 
     @asynccontextmanager
-    async def download(self, task_id: str) -> AsyncIterator[Download | Processing | Failed]:
+    async def download(self, task_id: str) -> AsyncIterator[Download | Processing | Failed | Unrecognised]:
         """Ask for a task's file (``status?download=true``): the open file once it is finished, else its state.
 
         While a task runs or after it failed the API answers this as it answers a status call
@@ -288,6 +339,8 @@ class Client:
                     return
                 raw = await resp.read()
                 http, headers = resp.status, resp.headers
+        except aiohttp.ClientConnectorError as exc:
+            raise self._unreachable(exc) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownloadError(f"download failed ({type(exc).__name__}): {exc}") from exc
         answer = self._interpret(http, raw, headers)

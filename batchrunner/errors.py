@@ -2,10 +2,21 @@
 
     BatchRunnerError
     ├── ManifestError            bad input: a list of file:line problems (exit 2)
-    ├── StateError               the output directory cannot be used (locked, another campaign)
+    ├── StateError               the output directory's state cannot be used as asked: refused, nothing sent (exit 2)
+    │   ├── StateLost            results exist but the state file is missing or empty: `batchrunner recover DIR`
+    │   ├── StateDamaged         the state file is damaged or not SQLite: `batchrunner recover DIR`
+    │   └── StateWriteError      the state file failed during a run (disk full, I/O error): stopped (exit 1)
+    ├── ReportError              report.json/csv/html could not be written (exit 1)
+    ├── InputError               a local input file cannot be sent (missing, a folder, empty, not media)
+    ├── StorageError             a result or input could not be stored or read: fail that job
+    │   └── StorageUnavailable   nothing can be stored at all (unreachable, refused, disk full): stop the run
+    ├── MediaError               a file is not whole media (of the modality asked for)
+    ├── ResultWriteError         a result cannot be written where it belongs: fail that job
+    │   └── OutputUnwritable     nothing can be written (disk full, quota, read-only): stop the run
     └── ApiError                 anything the Cliprise API (or the way to it) said
         ├── TransientApiError    5xx, HTML 502, dropped connection, timeout on a safe request: retry
         │   ├── RateLimited      429; ``.retry_after_s`` slows the whole run
+        │   ├── Unreachable      connection refused, DNS: nothing reached the API (the run stops if it lasts)
         │   └── DownloadError    a truncated or broken download: fetch again
         ├── PermanentApiError    the API refused this request (validation, failed task): fail the job
         │   └── UnknownTask      the API does not know a task id we hold (invalid_taskId)
@@ -70,15 +81,72 @@ class Problem:
 
 
 class ManifestError(BatchRunnerError):
-    """The manifest cannot run; ``problems`` lists every reason, each with file and line."""
+    """The manifest cannot run; ``problems`` lists every reason, each with file and line.
 
-    def __init__(self, problems: list[Problem]) -> None:
+    ``warnings`` carries what was found beside them (an unknown model, a field that looks
+    misspelt), so that a refused manifest still shows every hint at once.
+    """
+
+    def __init__(self, problems: list[Problem], warnings: list[str] | None = None) -> None:
         self.problems = problems
+        self.warnings = list(warnings or ())
         super().__init__("\n".join(str(p) for p in problems))
 
 
 class StateError(BatchRunnerError):
-    """The output directory's state cannot be used as asked (locked by another run, another campaign)."""
+    """The output directory's state cannot be used as asked (locked by another run, another campaign): nothing was sent."""
+
+
+class StateLost(StateError):
+    """The state file is missing, empty or unreadable beside results of an earlier run: running would pay for them again."""
+
+
+class StateDamaged(StateError):
+    """The state file is damaged (a corrupt page, not an SQLite file): rebuild it with ``batchrunner recover DIR``."""
+
+
+class StateWriteError(StateError):
+    """The state file failed while in use (disk full, I/O error, damage found mid-run). Not bad input: the run may have sent
+    requests, so it stops with exit 1; the task ids received before the failure are committed first when space allows."""
+
+
+class ReportError(BatchRunnerError):
+    """A report (report.json, report.csv, report.html) could not be written: disk full, read-only folder."""
+
+
+class InputError(BatchRunnerError):
+    """A local input file cannot be sent; ``path`` is the file. The manifest layer adds the file:line naming it."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class StorageError(BatchRunnerError):
+    """One object could not be stored, listed or read (a folder where a file is needed, a refused write)."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage cannot be used at all (unreachable, credentials refused, no such bucket, disk full)."""
+
+
+class MediaError(BatchRunnerError):
+    """A file is not whole media of a known kind, or not of the modality the job asked for (the reason says which)."""
+
+
+class ResultWriteError(BatchRunnerError):
+    """A result (or its sidecar, or a report) cannot be written where it belongs: that job fails with the reason.
+
+    ``fatal`` is True for :class:`OutputUnwritable`: no other write can succeed either.
+    """
+
+    fatal = False
+
+
+class OutputUnwritable(ResultWriteError):
+    """Nothing can be written in the output folder (disk full, quota, read-only file system): the run stops, state saved."""
+
+    fatal = True
 
 
 class ApiError(BatchRunnerError):
@@ -99,6 +167,10 @@ class RateLimited(TransientApiError):
     def __init__(self, message: str, *, retry_after_s: float | None, status: int | None = 429) -> None:
         super().__init__(message, status=status)
         self.retry_after_s = retry_after_s
+
+
+class Unreachable(TransientApiError):
+    """The API could not be reached at all (connection refused, DNS): the request provably did not arrive."""
 
 
 class DownloadError(TransientApiError):

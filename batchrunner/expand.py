@@ -4,32 +4,71 @@ Templates (``{name}`` takes a var, ``{{`` is a literal brace) are compiled once 
 distinct string, so 100,000 jobs expand in about a second. A value that is exactly one
 ``{name}`` keeps the var's type (``duration: "{d}"`` sends ``5``, not ``"5"``).
 
+A job is multiplied by its own matrix and variants, and by the top-level matrix vars and
+``rows`` columns it uses (anywhere in its fields or its path), so a job that uses none runs
+once. The number of jobs is known, and bounded, before any is built. Every result path is
+checked against batchrunner's own names, the other results (one file on a case-insensitive
+file system, a file where another needs a folder) and the file system's limits, so that
+``plan`` refuses what ``run`` could only break on after paying.
+
 **The job id is a contract.** ``id = sha256("batchrunner-job-v1\\0" + canonical(body) +
 "\\0" + variant)``, first 20 hex digits, where ``canonical`` is the request body minus
 ``callBackUrl``, as JSON with sorted keys and no spaces. It depends on what is sent and on
 nothing else — not the job's position, the manifest's name, its output path or its vars
 — so a re-run recognises every unchanged job wherever it moved in the manifest.
+
+A local input (``image_url: "file:photos/a.jpg"``) is hashed as its token
+``batchrunner-input:<sha256 of the file>.<ext>``, never as the presigned URL sent in its
+place (that URL is signed anew at every submit): a re-run with the same files keeps every
+id, a replaced photo makes new jobs, and bodies without ``file:`` keep the ids they had.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
+import os
 import re
 import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .catalog import STRINGIFIED, Catalog, Model, build_body, check_fields
-from .errors import ManifestError, Problem
-from .manifest import LineDict, Manifest
+from .errors import InputError, ManifestError, Problem
+from .inputs import InputFile, inspect, token
+from .manifest import JobDef, LineDict, Manifest
 
 DEFAULT_PATH = "{job_id}.{ext}"
 EXT = "{ext}"  # kept in a spec's path until the downloaded file's real type is known
+_DOT_EXT = "." + EXT
+FILE_PREFIX = "file:"  # a string value naming a local file to send (relative to the manifest's folder)
 SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext")
-_UNSAFE = re.compile(r'[<>:"|?*\\\x00-\x1f]')
+
+# Bounds (the README lists them). A prompt far longer than any model reads, or a body that
+# large, is a mistake, and each is stored with the job's state and sent on every retry.
+MAX_PROMPT_BYTES = 100_000
+MAX_BODY_BYTES = 2**20
+DEFAULT_MAX_JOBS = 200_000  # raised with max_jobs: (or expand(max_jobs=)); expansion is held in memory
+MAX_PROBLEMS = 200
+# Names batchrunner writes in an output folder, which no result may take: the state folder
+# .batchrunner/ and temp files (.<name>.tmp) are hidden names, refused as a class; the reports
+# sit at the top; a sidecar is <result>.json, and temp or draft names end .tmp or .part.
+REPORT_NAMES = ("report.json", "report.csv", "report.html")
+REJECTED_DIR = "rejected"  # results rejected in review are kept aside there (see store.retake_rejected)
+OWN_SUFFIXES = (".json", ".tmp", ".part")
+# File-system limits, in UTF-8 bytes, with {ext} counted as its own 5 characters (the longest
+# extension is 4): 255 per name, less room for the temp name (".<name>.tmp") and the sidecar
+# ("<name>.json") batchrunner makes from a file's name; a whole path short enough to leave
+# room for the output folder under Linux's 4,096.
+MAX_SEGMENT_BYTES = 255
+MAX_FILE_NAME_BYTES = 240
+MAX_PATH_BYTES = 1024
+_UNSAFE = re.compile(r'[<>:"|?*\\]')
 _FORMATTER = string.Formatter()
 
 
@@ -56,6 +95,8 @@ class Plan:
     manifest: Manifest
     specs: list[JobSpec]
     warnings: list[str] = field(default_factory=list)
+    inputs: dict[str, InputFile] = field(default_factory=dict)  # token → local file, for every file: value
+    input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value (what a run without storage cites)
 
     @property
     def group_var(self) -> str | None:
@@ -124,6 +165,20 @@ class _Templates:
             return ValueError(f"broken template {text!r}: {exc} (write {{{{ and }}}} for literal braces)")
         return tuple(parts)
 
+    def names(self, value: Any) -> set[str]:
+        """Every var a value's templates name (a broken template names none: rendering reports it)."""
+        if isinstance(value, str):
+            try:
+                compiled = self.compile(value)
+            except ValueError:
+                return set()
+            return set() if isinstance(compiled, str) else {name for _, name in compiled if name}
+        if isinstance(value, dict):
+            return set().union(*(self.names(v) for v in value.values()))
+        if isinstance(value, list):
+            return set().union(*(self.names(v) for v in value))
+        return set()
+
     def render(self, value: Any, env: dict[str, Any]) -> Any:
         if isinstance(value, str):
             compiled = self.compile(value)
@@ -163,20 +218,73 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> LineDict:
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 _DRIVE = re.compile(r"^[A-Za-z]:")
-_PLAIN_SEGMENT = r"[\w\-{}]+(?:\.[\w\-{}]+)*"  # no empty, '.', '..' or dot-ended segment, nothing _UNSAFE
+_PLAIN_SEGMENT = r"[\w\-{}]+(?:\.[\w\-{}]+)*"  # no empty, '.', '..', hidden or dot-ended segment, nothing _UNSAFE
 _PLAIN_PATH = re.compile(f"{_PLAIN_SEGMENT}(?:/{_PLAIN_SEGMENT})*")
+# Characters that are refused in a path, not replaced: they hide what a name really is
+# (C0/C1 controls, DEL, and the bidirectional marks and overrides that reorder what is shown).
+_OWN_FOLDER = re.compile(r"\.(?:json|tmp|part)/")
+_HIDING = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def job_id(body: dict[str, Any], variant: int) -> str:
+def canonical(body: dict[str, Any]) -> str:
+    """The request body as the job id hashes it: without ``callBackUrl``, sorted keys, no spaces."""
+    return _CANONICAL({k: v for k, v in body.items() if k != "callBackUrl"} if "callBackUrl" in body else body)
+
+
+def job_id(body: dict[str, Any], variant: int, *, canonical_body: str | None = None) -> str:
     """The stable id of a job (see the module docstring: this is a contract)."""
-    canonical = _CANONICAL({k: v for k, v in body.items() if k != "callBackUrl"} if "callBackUrl" in body else body)
-    return hashlib.sha256(f"batchrunner-job-v1\0{canonical}\0{variant}".encode()).hexdigest()[:20]
+    text = canonical(body) if canonical_body is None else canonical_body
+    return hashlib.sha256(f"batchrunner-job-v1\0{text}\0{variant}".encode()).hexdigest()[:20]
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def safe_path(path: str) -> str:
-    """A relative path confined to the output folder; raises ValueError for absolute paths and ``..``."""
-    if _PLAIN_PATH.fullmatch(path):  # the common case, already safe: skip the segment-by-segment clean-up
-        return path
+    """A result path confined to the output folder, clear of batchrunner's own names, within file-system limits.
+
+    Raises ValueError (the reason, to follow the path in a message) for absolute paths,
+    ``..``, control and bidirectional characters, hidden names, batchrunner's own names and
+    names too long; characters file systems refuse (``:`` in ``1:1``, …) become ``_``.
+    """
+    if not _PLAIN_PATH.fullmatch(path):  # the common case is already clean
+        path = _clean(path)
+    low = path.lower()
+    if low.startswith((*REPORT_NAMES, REJECTED_DIR)):
+        first = path.split("/", 1)[0]
+        if first.lower() in REPORT_NAMES:
+            raise ValueError(f"is {first}, which batchrunner writes itself — choose another name")
+        if first.lower() == REJECTED_DIR:
+            raise ValueError(f"starts with {first}, the folder where rejected results are kept aside — choose another name")
+    if low.endswith(OWN_SUFFIXES) or ("/" in low and _OWN_FOLDER.search(low)):
+        segment = next(s for s in path.split("/") if s.lower().endswith(OWN_SUFFIXES))
+        raise ValueError(
+            f"has a name ending in {segment[segment.rindex('.') :]} ({segment}) — names ending .json, .tmp and .part "
+            "are batchrunner's own (the sidecar <file>.json beside each result, temp files); use {ext} for the extension"
+        )
+    if len(path) > MAX_FILE_NAME_BYTES // 4 or not path.isascii():
+        if _utf8_len(path) > MAX_PATH_BYTES:
+            raise ValueError(f"is {_utf8_len(path)} bytes long; at most {MAX_PATH_BYTES} bytes are allowed — shorten it")
+        segments = path.split("/")
+        for i, segment in enumerate(segments):
+            limit = MAX_FILE_NAME_BYTES if i == len(segments) - 1 else MAX_SEGMENT_BYTES
+            if _utf8_len(segment) > limit:
+                kind = "file name" if i == len(segments) - 1 else "folder name"
+                raise ValueError(
+                    f"has a {kind} of {_utf8_len(segment)} bytes ({segment[:40]}…); at most {limit} bytes are allowed "
+                    "(file systems allow 255, and batchrunner adds to a file's name for its temp file and sidecar) — shorten it"
+                )
+    return path
+
+
+def _clean(path: str) -> str:
+    hiding = _HIDING.search(path)
+    if hiding:
+        raise ValueError(
+            f"contains the character U+{ord(hiding[0]):04X} (a control or bidirectional character, which would hide "
+            "what the name really is) — remove it from the values the path is made of"
+        )
     path = path.replace("\\", "/")
     if path.startswith("/") or _DRIVE.match(path):
         raise ValueError("is absolute — output paths are relative to the output folder")
@@ -187,10 +295,19 @@ def safe_path(path: str) -> str:
         if segment == "..":
             raise ValueError("uses '..' — output paths must stay inside the output folder")
         segment = _UNSAFE.sub("_", segment).rstrip(" .") or "_"
+        if segment.startswith("."):
+            raise ValueError(
+                f"has a name starting with '.' ({segment}) — hidden names are batchrunner's own (.batchrunner/, temp files); remove the dot"
+            )
         parts.append(segment)
     if not parts:
         raise ValueError("is empty")
     return "/".join(parts)
+
+
+def _fold(path: str) -> str:
+    """The key two paths share when one file system (macOS, Windows: case-insensitive; NFC/NFD) holds them as one."""
+    return path.lower() if path.isascii() else unicodedata.normalize("NFC", path).casefold()
 
 
 def _combos(matrix: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -200,60 +317,211 @@ def _combos(matrix: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(names, values, strict=True)) for values in itertools.product(*(matrix[n] for n in names))]
 
 
-def expand(manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_template: str | None = None) -> Plan:
-    """Every job of the manifest, validated against the catalog. Raises :class:`ManifestError` with every problem."""
-    templates = _Templates()
-    problems: dict[tuple[str, int | None, str], Problem] = {}
-    warnings: dict[str, None] = {}
-    specs: list[JobSpec] = []
-    seen_ids: dict[str, JobSpec] = {}
-    seen_paths: dict[str, JobSpec] = {}
-    models: dict[str, Model | None] = {}
-    top_combos = [{**row, **combo} for row in (manifest.rows or [{}]) for combo in _combos(manifest.matrix)]
+def _normal_field(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
 
-    def problem(file: str, line: int | None, message: str) -> None:
-        if len(problems) < 200:
-            problems.setdefault((file, line, message), Problem(file, line, message))
 
-    for job in manifest.jobs:
-        fields = merge(manifest.defaults, job.fields)
-        where = f"jobs[{job.index}]"
-        file = job.file
-        if not fields.get("model"):
-            problem(file, fields.line, f"{where}: no model — add 'model:' to the job or to defaults")
-            continue
-        job_vars = fields.get("vars") or {}
-        job_matrix = {k: v if isinstance(v, list) else [v] for k, v in (fields.get("matrix") or {}).items()}
-        variants = fields.get("variants", 1)
-        if not isinstance(variants, int) or variants < 1:
-            problem(file, fields.line_of("variants"), f"{where}.variants: must be a whole number ≥ 1, not {variants!r}")
-            continue
-        job_combos = _combos(job_matrix)
-        path_tpl = path_template or fields.get("path") or manifest.path or DEFAULT_PATH
-        path_file, path_line = (
-            (file, fields.line_of("path")) if "path" in fields and not path_template else (manifest.file, manifest.line_of("path"))
-        )
+def _kind(value: Any) -> str:
+    if value is None:
+        return "empty"
+    return {dict: "a mapping", list: "a list", bool: "true/false"}.get(type(value), type(value).__name__)
+
+
+@dataclass(slots=True)
+class _Job:
+    """A job definition ready to expand: its merged fields and the dimensions it is multiplied by."""
+
+    job: JobDef
+    fields: LineDict
+    where: str
+    variants: int
+    job_matrix: dict[str, list[Any]]
+    job_vars: dict[str, Any]
+    path_tpl: str
+    path_file: str
+    path_line: int | None
+    top: tuple[bool, tuple[str, ...]]  # (crossed with rows, top-level matrix names it uses)
+    count: int
+
+
+class _Expansion:
+    """One call of :func:`expand`: the problems and warnings found, the specs made, the paths taken."""
+
+    def __init__(self, manifest: Manifest, catalog: Catalog, strict: bool, path_template: str | None) -> None:
+        self.manifest, self.catalog, self.strict, self.path_template = manifest, catalog, strict, path_template
+        self.templates = _Templates()
+        self.problems: dict[tuple[str, int | None, str], Problem] = {}
+        self.warnings: dict[str, None] = {}
+        self.specs: list[JobSpec] = []
+        self.seen_ids: dict[str, JobSpec] = {}
+        self.seen_paths: dict[str, JobSpec] = {}  # folded path → the spec writing it
+        self.folders: dict[str, JobSpec] = {}  # folded folder → a spec writing inside it
+        self.literal_stems: dict[str, JobSpec] = {}  # folded path before a written extension → its spec
+        self.models: dict[str, Model | None] = {}
+        self.checked_fields: set[tuple[str, str]] = set()
+        self.top_combos: dict[tuple[bool, tuple[str, ...]], list[dict[str, Any]]] = {}
+        self.base = Path(manifest.file).parent
+        self.inspected: dict[str, tuple[tuple[int, int] | None, InputFile | InputError]] = {}
+        self.inputs: dict[str, InputFile] = {}  # token → file, every local input of the plan
+        self.input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value
+
+    def local_inputs(self, value: Any, file: str, line: int | None, where: str) -> Any:
+        """``value`` with each ``file:PATH`` string replaced by the file's token (:func:`inputs.token`); a bad file is a problem."""
+        if isinstance(value, dict):
+            return {k: self.local_inputs(v, file, line, where) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.local_inputs(v, file, line, where) for v in value]
+        if not isinstance(value, str) or not value.startswith(FILE_PREFIX):
+            return value
+        if self.input_at is None:
+            self.input_at = (file, line)
+        found = self.inspect(value[len(FILE_PREFIX) :])
+        if isinstance(found, InputError):
+            self.problem(file, line, f"{where}: {found.message}")
+            return value
+        name = token(found)
+        self.inputs.setdefault(name, found)
+        return name
+
+    def inspect(self, name: str) -> InputFile | InputError:
+        """:func:`inputs.inspect`, once per file (path, size, mtime) within one expansion."""
+        path = self.base / name.strip()
+        key = str(path)
+        try:
+            st = os.stat(path)
+            stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        hit = self.inspected.get(key)
+        if hit is not None and hit[0] == stamp and stamp is not None:
+            return hit[1]
+        try:
+            found: InputFile | InputError = inspect(path)
+        except InputError as exc:
+            found = exc
+        self.inspected[key] = (stamp, found)
+        return found
+
+    def problem(self, file: str, line: int | None, message: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.setdefault((file, line, message), Problem(file, line, message))
+
+    def warn(self, file: str, line: int | None, message: str) -> None:
+        self.warnings[f"{file}:{line}: {message}" if line else f"{file}: {message}"] = None
+
+    # -- before expanding: every job's dimensions, so the count is known before anything is built --
+    def prepare(self) -> list[_Job]:
+        manifest = self.manifest
+        row_names = set(manifest.rows[0]) if manifest.rows else set()
+        prepared = []
+        for job in manifest.jobs:
+            fields = merge(manifest.defaults, job.fields)
+            where = f"jobs[{job.index}]"
+            if not fields.get("model"):
+                self.problem(job.file, fields.line, f"{where}: no model — add 'model:' to the job or to defaults")
+                continue
+            variants = fields.get("variants", 1)
+            if isinstance(variants, bool) or not isinstance(variants, int) or variants < 1:
+                self.problem(job.file, fields.line_of("variants"), f"{where}.variants: must be a whole number ≥ 1, not {variants!r}")
+                continue
+            job_vars = dict(fields.get("vars") or {})
+            job_matrix = {k: v if isinstance(v, list) else [v] for k, v in (fields.get("matrix") or {}).items()}
+            path_tpl = self.path_template or fields.get("path") or manifest.path or DEFAULT_PATH
+            path_file: str = job.file
+            path_line: int | None = fields.line_of("path")
+            if "path" not in fields or self.path_template:
+                path_file, path_line = manifest.file, manifest.line_of("path")
+            if not isinstance(path_tpl, str):
+                self.problem(path_file, path_line, f'{where}.path: must be a path template such as "{{product}}/{{variant}}.{{ext}}"')
+                continue
+            used = self.templates.names({k: v for k, v in fields.items() if k not in ("vars", "matrix", "variants")})
+            used |= self.templates.names(path_tpl)
+            own = set(job_vars) | set(job_matrix)
+            top_used = tuple(name for name in manifest.matrix if name in used and name not in own)
+            uses_rows = bool(row_names & (used - own - set(manifest.matrix)))
+            count = (len(manifest.rows) if uses_rows else 1) * variants
+            for name in top_used:
+                count *= len(manifest.matrix[name])
+            for values in job_matrix.values():
+                count *= len(values)
+            prepared.append(
+                _Job(job, fields, where, variants, job_matrix, job_vars, path_tpl, path_file, path_line, (uses_rows, top_used), count)
+            )
+        self.lookalike_fields(prepared)
+        return prepared
+
+    def lookalike_fields(self, prepared: list[_Job]) -> None:
+        """Warn once about input fields spelt two ways in one manifest (aspect_ratio, aspectratio)."""
+        spellings: dict[str, dict[str, tuple[str, int]]] = {}
+        for job in prepared:
+            inputs = job.fields.get("input")
+            if isinstance(inputs, dict):
+                for name in inputs:
+                    line = inputs.line_of(name) if isinstance(inputs, LineDict) else job.fields.line
+                    spellings.setdefault(_normal_field(name), {}).setdefault(name, (job.job.file, line))
+        for names in spellings.values():
+            if len(names) > 1:
+                (file, line), *_ = names.values()
+                written = ", ".join(f"{n} (line {ln})" for n, (_, ln) in names.items())
+                self.warn(file, line, f"input fields spelt several ways: {written} — if one is misspelt, the model may ignore it")
+
+    # -- expanding ------------------------------------------------------------------------
+    def model(self, name: str, job: _Job) -> Model | None:
+        if name in self.models:
+            return self.models[name]
+        model = self.models[name] = self.catalog.get(name)
+        file, line = job.job.file, job.fields.line_of("model")
+        if model is None:
+            close = difflib.get_close_matches(name, list(self.catalog.models), n=1, cutoff=0.75)
+            hint = f" — did you mean {close[0]!r}?" if close else " — check the spelling, or add it with --catalog FILE"
+            text = f"model {name!r} is not in the catalog{hint}"
+            if self.strict:
+                self.problem(file, line, f"{job.where}.model: {text}")
+            else:
+                self.warn(file, line, f"{text}{' It' if close else '; it'} will be sent as written")
+        elif model.alias_of:
+            self.warn(file, line, f"{name} is an alias of {model.alias_of}; prefer {model.alias_of} for new work")
+        return model
+
+    def check_field_names(self, job: _Job, model: Model | None, model_name: str, inputs: dict[str, Any]) -> None:
+        """Warn (once per model and field) about a field its model's known parameters do not name."""
+        for name in inputs:
+            if (model_name, name) in self.checked_fields:
+                continue
+            self.checked_fields.add((model_name, name))
+            inputs_def = job.fields.get("input")
+            line = inputs_def.line_of(name) if isinstance(inputs_def, LineDict) and name in inputs_def else job.fields.line
+            if model is not None and model.parameters and name not in model.parameters and name != "prompt":
+                close = difflib.get_close_matches(name, list(model.parameters), n=1, cutoff=0.75)
+                hint = f"did you mean {close[0]!r}?" if close else f"its parameters: {', '.join(model.parameters)}"
+                self.warn(
+                    job.job.file, line, f"{job.where}.input.{name}: {model_name} has no parameter {name!r} in {model.source} — {hint}"
+                )
+            elif name != "prompt" and difflib.get_close_matches(name, ["prompt"], n=1, cutoff=0.8):
+                self.warn(job.job.file, line, f"{job.where}.input.{name}: did you mean 'prompt'? It will be sent as written")
+
+    def expand_job(self, job: _Job) -> None:
+        manifest, templates, fields, file, where = self.manifest, self.templates, job.fields, job.job.file, job.where
+        uses_rows, top_used = job.top
+        top_combos = self.top_combos.get(job.top)
+        if top_combos is None:
+            matrix = {name: manifest.matrix[name] for name in top_used}
+            top_combos = self.top_combos[job.top] = [
+                {**row, **combo} for row in (manifest.rows if uses_rows else [{}]) for combo in _combos(matrix)
+            ]
+        job_combos = _combos(job.job_matrix)
         callback = fields.get("callback_url", manifest.callback_url)
+        path_names = templates.names(job.path_tpl)
+        named: set[str] = set()
         for top in top_combos:
             for jc in job_combos:
-                env = {**manifest.vars, **top, **jc, **job_vars}
+                if len(self.problems) >= MAX_PROBLEMS:
+                    return
+                env = {**manifest.vars, **top, **jc, **job.job_vars}
                 key = "model"
                 try:
                     model_name = str(templates.render(fields["model"], env))
-                    seen = model_name in models
-                    model = models[model_name] = models[model_name] if seen else catalog.get(model_name)
-                    if not seen:
-                        if model is None:
-                            text = f"model {model_name!r} is not in the catalog — check the spelling, or add it with --catalog FILE"
-                            if strict:
-                                problem(file, fields.line_of("model"), f"{where}.model: {text}")
-                            else:
-                                warnings[f"{file}:{fields.line_of('model')}: {text}; it will be sent as written"] = None
-                        elif model.alias_of:
-                            warnings[
-                                f"{file}:{fields.line_of('model')}: {model_name} is an alias of {model.alias_of}; "
-                                f"prefer {model.alias_of} for new work"
-                            ] = None
+                    model = self.model(model_name, job)
                     key = "input"
                     inputs = templates.render(fields.get("input") or {}, env)
                     if "prompt" in fields:
@@ -266,56 +534,206 @@ def expand(manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_t
                             stringified[key] = [value] if isinstance(value, str) and key != "options" else value
                     key = "callback_url"
                     cb = templates.render(callback, env) if callback else None
+                    if FILE_PREFIX in repr((inputs, stringified)):
+                        inputs = {
+                            k: v if k == "prompt" else self.local_inputs(v, file, fields.line_of("input"), f"{where}.input.{k}")
+                            for k, v in inputs.items()
+                        }
+                        stringified = {k: self.local_inputs(v, file, fields.line_of(k), f"{where}.{k}") for k, v in stringified.items()}
                 except _Missing as missing:
                     defined = ", ".join(sorted(env)) or "none"
-                    problem(file, fields.line_of(key), f"{where}.{key} uses {{{missing.name}}}, which is not defined (defined: {defined})")
+                    self.problem(
+                        file, fields.line_of(key), f"{where}.{key} uses {{{missing.name}}}, which is not defined (defined: {defined})"
+                    )
                     continue
                 except ValueError as exc:
-                    problem(file, fields.line_of(key), f"{where}.{key}: {exc}")
+                    self.problem(file, fields.line_of(key), f"{where}.{key}: {exc}")
                     continue
+                if not self.check_prompt(job, inputs):
+                    return  # the same problem would repeat for every combination
+                if model_name not in named:  # a job's field names are the same in every combination
+                    named.add(model_name)
+                    self.check_field_names(job, model, model_name, inputs)
                 if model is not None:
                     for text in check_fields(model, inputs):
-                        problem(file, fields.line_of("input") if "input" in fields else fields.line, f"{where}: {text}")
+                        self.problem(file, fields.line_of("input") if "input" in fields else fields.line, f"{where}: {text}")
                 body = build_body(model_name, bool(model and model.root_only), inputs, stringified, cb)
-                price = manifest.credits.get(model_name, model.credits if model else None)
-                for variant in range(1, variants + 1):
-                    jid = job_id(body, variant)
-                    index = len(specs)
-                    try:
-                        rel = templates.render(
-                            path_tpl, {**env, "model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT}
-                        )
-                        rel = safe_path(str(rel))
-                    except _Missing as missing:
-                        defined = ", ".join(sorted([*env, *SPECIAL_VARS]))
-                        problem(path_file, path_line, f"path uses {{{missing.name}}}, which is not defined (defined: {defined})")
-                        continue
-                    except ValueError as exc:
-                        problem(path_file, path_line, f"path {path_tpl!r} {exc}")
-                        continue
-                    spec = JobSpec(
-                        jid, model_name, model.modality if model else "unknown", body, rel, variant, index, env, price, fields.line
+                canon = canonical(body)
+                if len(canon) > MAX_BODY_BYTES // 4 and _utf8_len(canon) > MAX_BODY_BYTES:
+                    size = _utf8_len(canon)
+                    self.problem(
+                        file, fields.line, f"{where}: the request would be {size:,} bytes; at most {MAX_BODY_BYTES:,} — shorten its fields"
                     )
-                    twin = seen_ids.get(jid)
-                    if twin is not None:
-                        problem(
-                            file,
-                            fields.line,
-                            f"{where} sends the same request as the job on line {twin.line} (id {jid}) — it would be paid twice "
-                            "for the same result; use 'variants:' for copies or make them differ",
-                        )
-                        continue
-                    other = seen_paths.get(rel)
-                    if other is not None:
-                        problem(
-                            file,
-                            fields.line,
-                            f"{where} writes to {rel}, as does the job on line {other.line} — "
-                            "add a var such as {variant} or {job_id} to 'path'",
-                        )
-                        continue
-                    seen_ids[jid] = seen_paths[rel] = spec
-                    specs.append(spec)
-    if problems:
-        raise ManifestError(list(problems.values()))
-    return Plan(manifest, specs, list(warnings))
+                    return
+                price = manifest.credits.get(model_name, model.credits if model else None)
+                for variant in range(1, job.variants + 1):
+                    self.add(job, env, model_name, model, body, canon, variant, price, path_names)
+
+    def check_prompt(self, job: _Job, inputs: dict[str, Any]) -> bool:
+        """A prompt is text (a number becomes its text) of at most MAX_PROMPT_BYTES; False after a problem."""
+        prompt = inputs.get("prompt")
+        if (type(prompt) is str and len(prompt) <= MAX_PROMPT_BYTES // 4) or "prompt" not in inputs:
+            return True
+        fields = job.fields
+        line = fields.line_of("prompt") if "prompt" in fields else fields.line_of("input")
+        if isinstance(prompt, int | float) and not isinstance(prompt, bool):
+            inputs["prompt"] = prompt = str(prompt)
+        if not isinstance(prompt, str):
+            self.problem(job.job.file, line, f"{job.where}.prompt: must be text, not {_kind(prompt)} — write it as one string")
+            return False
+        if len(prompt) > MAX_PROMPT_BYTES // 4 and _utf8_len(prompt) > MAX_PROMPT_BYTES:
+            self.problem(
+                job.job.file,
+                line,
+                f"{job.where}.prompt: is {_utf8_len(prompt):,} bytes long; at most {MAX_PROMPT_BYTES:,} are allowed — shorten it",
+            )
+            return False
+        return True
+
+    def add(
+        self,
+        job: _Job,
+        env: dict[str, Any],
+        model_name: str,
+        model: Model | None,
+        body: dict[str, Any],
+        text: str,
+        variant: int,
+        price: float | None,
+        path_names: set[str],
+    ) -> None:
+        file, where = job.job.file, job.where
+        jid = job_id(body, variant, canonical_body=text)
+        index = len(self.specs)
+        try:
+            rel = self.templates.render(
+                job.path_tpl, {**env, "model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT}
+            )
+            rel = safe_path(str(rel))
+        except _Missing as missing:
+            defined = ", ".join(sorted([*env, *SPECIAL_VARS]))
+            self.problem(job.path_file, job.path_line, f"path uses {{{missing.name}}}, which is not defined (defined: {defined})")
+            return
+        except ValueError as exc:
+            shown = job.path_tpl if len(job.path_tpl) <= 80 else job.path_tpl[:79] + "…"
+            self.problem(job.path_file, job.path_line, f"path {shown!r} {exc}")
+            return
+        spec = JobSpec(jid, model_name, model.modality if model else "unknown", body, rel, variant, index, env, price, job.fields.line)
+        twin = self.seen_ids.get(jid)
+        if twin is not None:
+            self.problem(
+                file,
+                job.fields.line,
+                f"{where} sends the same request as the job on line {twin.line} (id {jid}) — it would be paid twice "
+                "for the same result; use 'variants:' for copies or make them differ",
+            )
+            return
+        key = _fold(rel)
+        other = self.seen_paths.get(key)
+        if other is not None:
+            case = "" if other.path == rel else f" (its path {other.path} differs only in letter case: one file on macOS and Windows)"
+            self.problem(
+                file,
+                job.fields.line,
+                f"{where} writes to {rel}, as does the job on line {other.line}{case}; {_differ(spec, other, path_names)}",
+            )
+            return
+        other = self.folders.get(key)
+        if other is not None:
+            self.problem(
+                file,
+                job.fields.line,
+                f"{where} writes a file at {rel}, where the job on line {other.line} needs a folder (it writes {other.path}) — "
+                "a name cannot be both; change one of the paths",
+            )
+            return
+        # x.{ext} becomes x.png for a PNG: it may meet a path written with its extension
+        literal_stem = None
+        if rel.endswith(_DOT_EXT):
+            if self.literal_stems:
+                other = self.literal_stems.get(key[: -len(_DOT_EXT)])
+        elif rel.rfind(".") > rel.rfind("/"):
+            literal_stem = _fold(rel[: rel.rfind(".")])
+            other = self.seen_paths.get(literal_stem + _DOT_EXT)
+        if other is not None:
+            self.problem(
+                file,
+                job.fields.line,
+                f"{where} writes to {rel}, and the job on line {other.line} writes {other.path}: they are one file whenever "
+                "the result has that extension — give them different names",
+            )
+            return
+        folders = [_fold(rel[:i]) for i in _slashes(rel)] if "/" in rel else []
+        for folder in folders:
+            other = self.seen_paths.get(folder)
+            if other is not None:
+                self.problem(
+                    file,
+                    job.fields.line,
+                    f"{where} writes {rel}, inside a folder named like the file the job on line {other.line} writes ({other.path}) — "
+                    "a name cannot be both; change one of the paths",
+                )
+                return
+        for folder in folders:
+            self.folders.setdefault(folder, spec)
+        if literal_stem is not None:
+            self.literal_stems.setdefault(literal_stem, spec)
+        self.seen_ids[jid] = self.seen_paths[key] = spec
+        self.specs.append(spec)
+
+
+_NOTHING = object()
+
+
+def _slashes(path: str) -> list[int]:
+    found, at = [], path.find("/")
+    while at >= 0:
+        found.append(at)
+        at = path.find("/", at + 1)
+    return found
+
+
+def _differ(spec: JobSpec, other: JobSpec, path_names: set[str]) -> str:
+    """What tells two jobs with one path apart, to put in the path."""
+    mine = {**spec.vars, "model": spec.model, "variant": spec.variant}
+    theirs = {**other.vars, "model": other.model, "variant": other.variant}
+    differ = [name for name in dict.fromkeys([*mine, *theirs]) if mine.get(name, _NOTHING) != theirs.get(name, _NOTHING)]
+    missing = [name for name in differ if name not in path_names]
+    if missing:
+        names = ", ".join(f"{{{name}}}" for name in missing[:3])
+        return f"they differ in {names} — add {'it' if len(missing) == 1 else 'one of them'} to 'path'"
+    if differ:
+        names = ", ".join(f"{{{name}}}" for name in differ[:3])
+        return (
+            f"their {names} differ, yet give the same file name (characters file systems refuse become '_', letter case "
+            "is ignored) — make the values differ more, or add {job_id} to 'path'"
+        )
+    return "nothing in their vars differs — add {job_id} to 'path', or give each job its own 'path:'"
+
+
+def expand(
+    manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_template: str | None = None, max_jobs: int | None = None
+) -> Plan:
+    """Every job of the manifest, validated against the catalog. Raises :class:`ManifestError` with every problem.
+
+    ``max_jobs`` (default: the manifest's ``max_jobs``, else :data:`DEFAULT_MAX_JOBS`) bounds the
+    number of jobs; it is checked before any job is built. Warnings travel with the error too.
+    """
+    expansion = _Expansion(manifest, catalog, strict, path_template)
+    prepared = expansion.prepare()
+    limit = max_jobs or manifest.max_jobs or DEFAULT_MAX_JOBS
+    total = sum(job.count for job in prepared)
+    if total > limit:
+        line = manifest.line_of("max_jobs") or manifest.line_of("matrix") or manifest.line_of("jobs")
+        expansion.problem(
+            manifest.file,
+            line,
+            f"the manifest makes {total:,} jobs, more than the limit of {limit:,} — raise it with 'max_jobs:' in the manifest, "
+            "or split the campaign",
+        )
+    else:
+        for job in prepared:
+            expansion.expand_job(job)
+    if expansion.problems:
+        raise ManifestError(list(expansion.problems.values()), list(expansion.warnings))
+    return Plan(manifest, expansion.specs, list(expansion.warnings), expansion.inputs, expansion.input_at)

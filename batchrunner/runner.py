@@ -10,18 +10,26 @@ place by one :class:`~batchrunner.download.Finisher` thread, many at a time.
 
 Every transition is committed before the network call that depends on it; the generate
 POST and the write of its task id are shielded from cancellation, so Ctrl-C never strands a
-paid task. Only a hard kill inside that window leaves a job ambiguous; resume resubmits it
-and counts it.
+paid task — for at most ``stop_grace_s``: a stop (:class:`Interrupt`) gives requests in flight
+that long to be answered, a second stop none; a POST cut short is counted as ambiguous. A hard
+kill inside that window also leaves a job ambiguous; resume resubmits it and counts it.
+
+Every wait is bounded and visible: a rate-limit pause longer than ``max_pause_s`` stops the
+run ("rate-limited until …"), an API that cannot be reached stops it once (not job by job),
+an answer that is neither documented state fails the job after ``max_unrecognised`` of them,
+and a ``tick`` event says once a second what the run is waiting for.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +37,31 @@ import anyio
 
 from .callbacks import CallbackSettings, Hub, Receiver, check_plan, listening
 from .catalog import model_fields
-from .client import Client, Failed, Processing
-from .download import Finisher, save
+from .client import Client, Failed, Processing, Unrecognised, endpoint_problems
+from .download import Finisher, Limits, save
+from .dryrun import Preview, RunTally, check, started, tally
 from .errors import (
     AmbiguousSubmit,
+    AuthError,
     BatchRunnerError,
     FatalApiError,
     ManifestError,
+    OutputUnwritable,
     PermanentApiError,
     Problem,
     RateLimited,
+    ResultWriteError,
     StateError,
+    StorageError,
+    StorageUnavailable,
     TransientApiError,
     UnknownTask,
+    Unreachable,
 )
 from .expand import Plan
-from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store, peek
+from .inputs import TOKEN_PREFIX, Inputs, LoopbackStorage, resolve, tokens
+from .storage import SIDECAR, Storage, complete, open_storage
+from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
 
 FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
 DEFAULT_EXPECTED_S = {"image": 10.0, "video": 90.0, "audio": 20.0, "unknown": 30.0}
@@ -66,20 +83,35 @@ class RunConfig:
     poll_cap_s: float = 60.0
     poll_connections: int = 32
     job_deadline_s: float = 6 * 3600.0
+    download_deadline_s: float = 600.0  # one result download, start to end
+    download_min_rate_bps: float = 1024.0  # averaged over each download_rate_window_s; 0: no minimum
+    download_rate_window_s: float = 30.0
     max_ambiguous: int = 3
+    max_pause_s: float = 900.0  # a rate-limit pause (Retry-After, or 429 after 429) longer than this stops the run
+    unreachable_s: float = 30.0  # how long the API may stay unreachable mid-run before the run stops
+    max_unrecognised: int = 10  # answers that are neither documented state before the job fails
+    stop_grace_s: float = 5.0  # how long a stop waits for generate requests in flight to be answered
+    tick_s: float = 1.0  # how often the ``tick`` event reports what the run is waiting for
+    storage_url: str | None = None  # s3://bucket/prefix (gs://, az://): inputs uploaded there, results kept there too
+    storage_endpoint: str | None = None  # an S3-compatible service's URL (default: $AWS_ENDPOINT_URL)
+    url_lifetime_s: float = 3600.0  # how long a presigned input URL stays valid
+    keep_local: bool = True  # False: results live only in the bucket; no storage_url on the sandbox: inputs served on loopback
     force: bool = False
     retry_failed: bool = False
+    backend: str = "api"  # "sandbox" for the embedded sandbox: a folder's results are never mixed across the two
     callbacks: CallbackSettings | None = None  # a callback receiver: polls wake when the API calls back
 
 
 @dataclass(slots=True)
 class RunResult:
-    """How a run ended: ``outcome`` is complete | failed | stopped | interrupted; counts per state."""
+    """How a run ended: ``outcome`` is complete | failed | stopped | interrupted; ``counts`` per state of every job."""
 
     outcome: str
     counts: dict[str, int]
     summary: dict[str, Any]
     error: str | None = None
+    start: Preview | None = None  # where the run started (what it found done, in flight, to submit)
+    tally: RunTally | None = None  # what this run did: ran, skipped, failed, possibly paid twice
 
 
 def backoff(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -170,8 +202,35 @@ class Pacer:
             if at > now:
                 await self.sleep(at - now)
 
-    def rate_limited(self, retry_after_s: float | None, fallback_s: float) -> None:
+    def rate_limited(self, retry_after_s: float | None, fallback_s: float) -> float:
+        """Pause every generate request until the API's Retry-After (or ``fallback_s``) has passed; return when."""
         self.cool_until = max(self.cool_until, self.clock() + (retry_after_s if retry_after_s is not None else fallback_s))
+        return self.cool_until
+
+
+class Interrupt:
+    """A caller's way to stop a run from outside (the CLI's signal handler, a GUI's button).
+
+    The first :meth:`request` stops the run gracefully: nothing new is sent, polls stop, and
+    generate requests in flight get ``stop_grace_s`` to be answered and recorded. A second
+    request stops at once; what is still in flight is counted as ambiguous (it may have
+    created a task), so the next run resubmits it and says so.
+    """
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self._runner: Runner | None = None
+
+    def request(self) -> None:
+        self.requests += 1
+        if self._runner is not None:
+            self._runner.interrupt(force=self.requests > 1)
+
+
+def clock_text(at: float) -> str:
+    """A wall-clock time for messages: ``14:03:07``, with the date when it is not today."""
+    fmt = "%H:%M:%S" if time.strftime("%Y-%m-%d", time.localtime(at)) == time.strftime("%Y-%m-%d") else "%Y-%m-%d %H:%M:%S"
+    return time.strftime(fmt, time.localtime(at))
 
 
 class Runner:
@@ -187,9 +246,12 @@ class Runner:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        inputs: Inputs | None = None,
+        results: Storage | None = None,
         callbacks: Hub | None = None,
     ) -> None:
         self.config, self.store, self.client = config, store, client
+        self.inputs, self.results = inputs, results
         self.on_event = on_event or (lambda kind, job, detail: None)
         self.clock, self.sleep = clock, sleep
         self.rng = rng or random.Random()
@@ -198,16 +260,26 @@ class Runner:
         self.spent = store.totals()["credits_spent"]
         self.stop_reason: str | None = None
         self.fatal: FatalApiError | None = None
+        self.interrupted = False
         self._slots = anyio.Semaphore(config.concurrency)
         self._polls = anyio.CapacityLimiter(config.poll_connections)
         self._scope: anyio.CancelScope | None = None
+        self._shields: set[anyio.CancelScope] = set()  # generate requests in flight, each under its own shield
+        self._collecting = 0  # jobs waiting for their result
+        self._reached = False  # the API answered something during this run
+        self._unreachable: tuple[float, int] | None = None  # (since, failures) of an unbroken run of unreachable errors
+        self._limited_since: float | None = None  # start of an unbroken run of 429 answers
+        self._limits = Limits(
+            deadline_s=config.download_deadline_s, min_rate_bps=config.download_min_rate_bps, window_s=config.download_rate_window_s
+        )
         self.callbacks = callbacks
 
     async def run(self, jobs: Iterable[Job]) -> None:
-        self._finisher = Finisher()
+        self._finisher = Finisher(self.config.out_dir)
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flusher)
+                outer.start_soon(self._ticker)
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
                     for job in jobs:
@@ -231,22 +303,101 @@ class Runner:
             await anyio.sleep(FLUSH_S)
             self.store.flush()
 
+    async def _ticker(self) -> None:
+        """Say what the run is waiting for, once a :attr:`RunConfig.tick_s`, also when nothing else happens."""
+        while True:
+            await anyio.sleep(self.config.tick_s)
+            self.on_event("tick", None, self.waiting())
+
+    def waiting(self) -> str:
+        """What the run is waiting for right now, in words."""
+        parts = []
+        if self._shields:
+            parts.append(f"{len(self._shields)} generate request(s) to be answered")
+        if self._collecting:
+            parts.append(f"{self._collecting} result(s)")
+        if self.pacer.cool_until > self.clock():
+            parts.append(f"the rate limit to lift at {clock_text(self.pacer.cool_until)}")
+        text = "waiting for " + ", ".join(parts) if parts else "idle"
+        return f"stopping ({self.stop_reason}): {text}" if self.stop_reason else text
+
+    def interrupt(self, *, force: bool = False) -> None:
+        """Stop: see :class:`Interrupt`. Must be called from the run's event loop."""
+        self.interrupted = True
+        self._stop("interrupted")
+        if self._scope is not None:
+            self._scope.cancel()
+        deadline = -math.inf if force else anyio.current_time() + self.config.stop_grace_s
+        for shield in self._shields:
+            shield.deadline = min(shield.deadline, deadline)
+        if self._shields:
+            n = len(self._shields)
+            self.on_event(
+                "stopping",
+                None,
+                f"stopping at once: {n} generate request(s) cut short, counted as ambiguous"
+                if force
+                else f"stopping: waiting up to {self.config.stop_grace_s:g} s for {n} generate request(s) in flight to be answered "
+                "(stop again to stop at once)",
+            )
+        else:
+            self.on_event("stopping", None, "stopping: nothing in flight")
+
     def _stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
+
+    def _answered(self) -> None:
+        """The API answered (anything but a 429): an unreachable or rate-limited spell is over."""
+        self._reached = True
+        self._unreachable = None
+        self._limited_since = None
+
+    def _check_unreachable(self, exc: Unreachable) -> None:
+        """Raise :class:`FatalApiError` once the API has been unreachable for too long: one stop, not a failure per job.
+
+        Never reached during this run: three refusals over a second stop it (a wrong URL, no
+        network). Reached before: a spell longer than ``unreachable_s`` does. Jobs keep their
+        state (pending ones were never sent), so running the command again continues.
+        """
+        now = self.clock()
+        since, failures = self._unreachable or (now, 0)
+        self._unreachable = (since, failures + 1)
+        if (not self._reached and failures + 1 >= 3 and now - since >= 1.0) or now - since > self.config.unreachable_s:
+            raise FatalApiError(
+                f"{exc.message} — check CLIPRISE_BASE_URL and the network, then run the same command again (nothing is lost)"
+            )
+
+    def _rate_limited(self, exc: RateLimited, fallback_s: float) -> None:
+        """Pause the whole run for a 429; raise :class:`FatalApiError` when the pause would pass ``max_pause_s``."""
+        now = self.clock()
+        self._reached = True
+        if self._limited_since is None:
+            self._limited_since = now
+        until = self.pacer.rate_limited(exc.retry_after_s, fallback_s)
+        if until - now > self.config.max_pause_s or until - self._limited_since > self.config.max_pause_s:
+            raise FatalApiError(
+                f"rate-limited until {clock_text(until)} ({exc.message}; longer than the {self.config.max_pause_s:g} s this run waits) "
+                "— run the same command again after that"
+            )
+        self.on_event("paused", None, f"rate-limited until {clock_text(until)} (HTTP 429)")
 
     async def _job(self, job: Job) -> None:
         try:
             if job.state == JobState.PENDING and not await self._submit(job):
                 return
             await self._collect(job)
-        except FatalApiError as exc:
-            self.fatal = exc
+        except (FatalApiError, OutputUnwritable, StorageUnavailable) as exc:  # no other request or write can succeed: stop, state saved
+            self.fatal = exc if isinstance(exc, FatalApiError) else self.fatal
             self._stop(exc.message)
             if self._scope is not None:
                 self._scope.cancel()
+        except ResultWriteError as exc:
+            self._fail(job, exc.message, REPOLL)
+        except StorageError as exc:  # a bucket refused one object: this job fails; the next run tries again
+            self._fail(job, exc.message, REPOLL if job.task_id else RESUBMIT)
         except UnknownTask as exc:
-            self._fail(job, f"{exc.message}: it is resubmitted on the next run", RESUBMIT)
+            self._fail(job, f"{exc.message}: it is resubmitted on the next run (and paid again)", RESUBMIT, repaid=1)
         except PermanentApiError as exc:
             self._fail(job, exc.message, NOT_RETRYABLE)
         except TransientApiError as exc:
@@ -254,8 +405,8 @@ class Runner:
         finally:
             self._slots.release()
 
-    def _fail(self, job: Job, reason: str, retryable: int) -> None:
-        self.store.transition(job, JobState.FAILED, event=reason, error=reason, retryable=retryable, finished_at=self.clock())
+    def _fail(self, job: Job, reason: str, retryable: int, **counters: int) -> None:
+        self.store.transition(job, JobState.FAILED, event=reason, error=reason, retryable=retryable, finished_at=self.clock(), **counters)
         self.on_event("failed", job, reason)
 
     async def _submit(self, job: Job) -> bool:
@@ -268,21 +419,31 @@ class Runner:
             if self.stop_reason is not None:
                 return False
             await self.pacer.generate_slot()
-            self.store.transition(job, JobState.SUBMITTING)
+            body, signed = await self._body(job)  # signed again at every submit: never a stale URL
+            self.store.transition(job, JobState.SUBMITTING, sends=1)  # counted before the POST, committed with it
             try:
                 await self.store.durable()  # on disk before the POST: a kill after it is known to be ambiguous
             except anyio.get_cancelled_exc_class():
-                self.store.transition(job, JobState.PENDING)  # stopped before sending: not ambiguous
+                self.store.transition(job, JobState.PENDING, sends=-1)  # stopped before sending: not ambiguous, not sent
                 raise
-            with anyio.CancelScope(shield=True):  # a sent POST's task id is always recorded
+            delay = 0.0
+            # a sent POST's task id is always recorded — unless a stop cuts the wait short (see Interrupt)
+            with anyio.CancelScope(shield=True) as shield:
+                self._shields.add(shield)
                 try:
-                    task_id = await self.client.generate(job.body if self.callbacks is None else self.callbacks.body(job.id, job.body))
+                    task_id = await self._generate(body if self.callbacks is None else self.callbacks.body(job.id, body), signed)
                 except RateLimited as exc:
                     self.store.transition(job, JobState.PENDING, event=exc.message)
-                    self.pacer.rate_limited(exc.retry_after_s, backoff(attempt, base_s=1.0, cap_s=self.config.backoff_cap_s, rng=self.rng))
                     self.on_event("rate_limited", job, exc.message)
+                    self._rate_limited(exc, backoff(attempt, base_s=1.0, cap_s=self.config.backoff_cap_s, rng=self.rng))
                     continue
+                except Unreachable as exc:  # nothing was sent: the job waits, the run decides whether to go on
+                    self.store.transition(job, JobState.PENDING, event=exc.message, sends=-1)
+                    self._check_unreachable(exc)
+                    self.on_event("retry", job, exc.message)
+                    delay = backoff(1, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng)
                 except TransientApiError as exc:
+                    self._answered()
                     self.store.transition(job, JobState.PENDING, event=exc.message, attempts=1)
                     attempt += 1
                     if attempt > self.config.retries:
@@ -305,17 +466,62 @@ class Runner:
                     self.store.transition(job, JobState.PENDING)  # refused with an answer: not created
                     raise
                 except PermanentApiError as exc:
+                    self._answered()
                     self._fail(job, exc.message, NOT_RETRYABLE)
                     return False
                 else:
+                    self._answered()
                     now = self.clock()
                     self.spent += cost
                     self.store.transition(job, JobState.SUBMITTED, task_id=task_id, submitted_at=now, submits=1, credits_spent=cost)
-                    await self.store.durable()
                     job.task_id, job.submitted_at = task_id, now
                     self.on_event("submitted", job, task_id)
+                    await self.store.durable()
                     return True
+                finally:
+                    self._shields.discard(shield)
+            if job.state == JobState.SUBMITTING:  # a stop cut the wait for the answer short: the task may exist
+                self.store.transition(job, JobState.PENDING, event="ambiguous: stopped before the API answered", ambiguous=1)
+                self.on_event("ambiguous", job, "stopped before the API answered")
+                return False
+            if shield.cancelled_caught:
+                return job.state == JobState.SUBMITTED
             await self.sleep(delay)
+
+    async def _generate(self, body: dict[str, Any], signed: dict[str, str]) -> str:
+        """``client.generate``; an error that quotes a presigned URL quotes its token instead (never a signature in the state)."""
+        try:
+            return await self.client.generate(body)
+        except BatchRunnerError as exc:
+            text = exc.message
+            for name, url in signed.items():
+                text = re.sub(re.escape(url.split("?", 1)[0]) + r"(\?[^\s\"'<>]*)?", name, text)
+            exc.args = (text,)
+            raise
+
+    async def _body(self, job: Job) -> tuple[dict[str, Any], dict[str, str]]:
+        """The body to send, each local input's token replaced by a freshly presigned URL (the state keeps the tokens); the URLs."""
+        names = tokens(job.body)
+        if not names:
+            return job.body, {}
+        if self.inputs is None:
+            raise StorageError("this job sends local files (file: inputs) but no storage is configured — pass --storage s3://bucket/prefix")
+        urls = {name: await self.inputs.storage.presign(self._input_key(name), self.inputs.lifetime_s) for name in names}
+        return dict(resolve(job.body, urls)), urls
+
+    def _input_key(self, name: str) -> str:
+        assert self.inputs is not None
+        bare = name[len(TOKEN_PREFIX) :]
+        return f"{self.inputs.prefix}/{bare}" if self.inputs.prefix else bare
+
+    async def _keep(self, rel: str, sha256: str, size: int) -> None:
+        """Put a verified local result and its sidecar into the bucket (whole or not at all); without local copies, move them there."""
+        assert self.results is not None
+        src = self.config.out_dir / rel
+        sidecar = await anyio.to_thread.run_sync(lambda: (self.config.out_dir / (rel + SIDECAR)).read_text("utf-8"))
+        await self.results.put_result(rel, src, sidecar, sha256=sha256, size=size, take=not self.config.keep_local)
+        if not self.config.keep_local:
+            await anyio.to_thread.run_sync(lambda: (self.config.out_dir / (rel + SIDECAR)).unlink(missing_ok=True))
 
     async def _collect(self, job: Job) -> None:
         """Poll a submitted job with ``download=true`` until its file is saved or it fails.
@@ -324,10 +530,19 @@ class Runner:
         simply asked for again. Raises once the deadline passes or errors pile up.
         """
         assert job.task_id is not None
+        self._collecting += 1
+        try:
+            await self._poll(job)
+        finally:
+            self._collecting -= 1
+
+    async def _poll(self, job: Job) -> None:
+        assert job.task_id is not None
         submitted = job.submitted_at or self.clock()
         first = self.durations.first_poll(job.model, job.modality)
-        polls = errors = 0
+        polls = errors = unrecognised = 0
         processing_at: float | None = None
+        said: str | None = None
         while True:
             elapsed = self.clock() - submitted
             if elapsed > self.config.job_deadline_s:
@@ -340,8 +555,23 @@ class Runner:
                     asked = self.clock() - submitted  # the job's age when asked (not answered: the round trip is ours, not its)
                     async with self.client.download(job.task_id) as answer:
                         polls += 1
+                        self._answered()
                         if isinstance(answer, Processing):
                             processing_at = asked
+                            if answer.status != "processing" and answer.status != said:
+                                said = answer.status
+                                self.on_event("status", job, f"the API says {answer.status!r} (HTTP 300: still processing)")
+                            continue
+                        if isinstance(answer, Unrecognised):
+                            unrecognised += 1
+                            self.on_event(
+                                "unrecognised",
+                                job,
+                                f"answer {unrecognised} of {self.config.max_unrecognised} without a result: {answer.text}",
+                            )
+                            if unrecognised >= self.config.max_unrecognised:
+                                self._fail(job, f"the API answered {unrecognised} times without a result URL: {answer.text}", REPOLL)
+                                return
                             continue
                         ahead = self.callbacks.finished(job.id) if self.callbacks is not None else None
                         if job.duration_s is None:  # learn when jobs of this model finish (as the poll a callback replaced would have)
@@ -352,12 +582,20 @@ class Runner:
                             return
                         sidecar = {
                             "job_id": job.id, "model": job.model, "prompt": str(model_fields(job.body).get("prompt", "")),
-                            "request": job.body, "vars": job.vars,
-                            "task_id": job.task_id, "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
+                            "request": job.body, "vars": job.vars, "variant": job.variant, "modality": job.modality,
+                            "credits": job.credits, "path_template": job.path, "task_id": job.task_id,
+                            "submitted_at": submitted, "finished_at": self.clock(), "duration_s": job.duration_s,
                         }  # fmt: skip
-                        fetched = await save(answer, self.config.out_dir, job.path, sidecar, self._finisher)
+                        fetched = await save(
+                            answer, self.config.out_dir, job.path, sidecar, self._finisher, modality=job.modality, limits=self._limits
+                        )
             except RateLimited as exc:
-                self.pacer.rate_limited(exc.retry_after_s, 1.0)
+                self._rate_limited(exc, 1.0)
+                continue
+            except Unreachable as exc:
+                self._check_unreachable(exc)
+                self.on_event("retry", job, exc.message)
+                await self.sleep(backoff(1, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng))
                 continue
             except TransientApiError as exc:
                 errors += 1
@@ -367,9 +605,20 @@ class Runner:
                 await self.sleep(backoff(errors, base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng))
                 continue
             break
+        stored: dict[str, Any] = {}
+        if self.results is not None:
+            await self._keep(fetched.path, fetched.sha256, fetched.bytes)
+            stored["stored_at"] = self.clock()
         now = self.clock()
         self.store.transition(
-            job, JobState.DONE, path=fetched.path, sha256=fetched.sha256, bytes=fetched.bytes, finished_at=now, duration_s=job.duration_s
+            job,
+            JobState.DONE,
+            path=fetched.path,
+            sha256=fetched.sha256,
+            bytes=fetched.bytes,
+            finished_at=now,
+            duration_s=job.duration_s,
+            **stored,
         )
         self.on_event("done", job, fetched.path)
 
@@ -379,62 +628,35 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def check_budget(plan: Plan, max_credits: float | None, out_dir: Path) -> None:
-    """Refuse (as bad input) a plan whose remaining cost passes ``max_credits``, or cannot be known."""
-    if max_credits is None:
-        return
-    done, spent = peek(out_dir)
-    todo = [s for s in plan.specs if s.id not in done]
-    cost = plan.credits(todo)
-    line = plan.manifest.line_of("max_credits")
-    if cost is None:
-        unknown = sorted({s.model for s in todo if s.credits is None})
-        raise ManifestError(
-            [
-                Problem(
-                    plan.manifest.file,
-                    line,
-                    f"max_credits is set but the price of {', '.join(unknown)} is unknown — add them under 'credits:' in the manifest",
-                )
-            ]
-        )
-    if spent + cost > max_credits:
-        raise ManifestError(
-            [
-                Problem(
-                    plan.manifest.file,
-                    line,
-                    f"the plan costs {cost:g} credits ({spent:g} already spent), more than max_credits {max_credits:g} — "
-                    "raise max_credits or trim the manifest",
-                )
-            ]
-        )
-
-
 async def run_campaign(
     plan: Plan | None,
     config: RunConfig,
     *,
-    api_key: str,
-    base_url: str,
+    api_key: str | None = None,
+    base_url: str | None = None,
     host_header: str | None = None,
+    client: Client | None = None,
+    on_start: Callable[[Preview], None] | None = None,
     on_event: EventHandler | None = None,
     rng: random.Random | None = None,
+    interrupt: Interrupt | None = None,
 ) -> RunResult:
     """Run or resume ``plan`` into ``config.out_dir``: the library's whole ``run`` command.
 
-    With ``plan=None`` the directory's stored jobs are run as they are (``retry``). With
-    ``config.callbacks`` the receiver is bound before anything else: a run that cannot
-    listen refuses to start (:class:`ManifestError`).
+    With ``config.callbacks`` the callback receiver is bound before anything else (a run that
+    cannot listen refuses to start: :class:`ManifestError`) and serves for the whole run.
+    The rest: see :func:`_campaign`.
     """
-    args = (plan, config)
-    kw: dict[str, Any] = {"api_key": api_key, "base_url": base_url, "host_header": host_header, "on_event": on_event, "rng": rng}
+    kw: dict[str, Any] = {
+        "api_key": api_key, "base_url": base_url, "host_header": host_header, "client": client,
+        "on_start": on_start, "on_event": on_event, "rng": rng, "interrupt": interrupt,
+    }  # fmt: skip
     if config.callbacks is None:
-        return await _campaign(*args, None, **kw)
+        return await _campaign(plan, config, None, **kw)
     if plan is not None:
         check_plan(plan, config.callbacks)
     async with listening(config.callbacks) as receiver:
-        result = await _campaign(*args, receiver, **kw)
+        result = await _campaign(plan, config, receiver, **kw)
         result.summary["callbacks"] = receiver.summary()
         return result
 
@@ -444,56 +666,189 @@ async def _campaign(
     config: RunConfig,
     receiver: Receiver | None,
     *,
-    api_key: str,
-    base_url: str,
+    api_key: str | None = None,
+    base_url: str | None = None,
     host_header: str | None = None,
+    client: Client | None = None,
+    on_start: Callable[[Preview], None] | None = None,
     on_event: EventHandler | None = None,
     rng: random.Random | None = None,
+    interrupt: Interrupt | None = None,
 ) -> RunResult:
-    from .client import API_HOST
+    """Run or resume ``plan`` into ``config.out_dir`` (with ``receiver``'s callbacks waking polls).
+
+    With ``plan=None`` the directory's stored jobs are run as they are (``retry``). First it
+    refuses what ``plan`` refuses (:func:`~batchrunner.dryrun.check`), before anything is
+    written or sent. ``on_start`` hears where the run starts (done, in flight, to submit)
+    before its first request. ``client``, an open :class:`Client` (or a subclass: tests use
+    one to produce answers the sandbox cannot), replaces the one made from ``api_key``,
+    ``base_url`` and ``host_header``; the caller keeps it open and closes it. An
+    ``interrupt`` lets the caller stop the run (outcome ``interrupted``, state saved).
+    """
+    from contextlib import AsyncExitStack
+
+    from .client import API_HOST, DEFAULT_BASE_URL
     from .report import write_reports
 
-    if plan is not None:
-        check_budget(plan, config.max_credits, config.out_dir)
+    if client is None and not api_key:
+        raise AuthError("no API key: pass api_key (the CLI reads CLIPRISE_API_KEY), or an open client")
+    if client is None and (bad := endpoint_problems(api_key, base_url)):
+        raise ManifestError([Problem("environment", None, text) for text in bad])
+    check(plan, config)
     store = Store.open(config.out_dir, create=plan is not None)
+    resuming = plan is None
     try:
         if plan is not None:
             store.claim(plan.manifest.name, force=config.force)
             store.set_meta("group_var", plan.group_var or "")
-            store.sync(plan.specs)
+        store.claim_backend(config.backend, force=config.force)
+        if plan is not None:
+            resuming = bool(store.sync(plan.specs).known)
+        config = _storage_settings(config, store, rerun=plan is None)
     except StateError:
         store.close()
         raise
     hub = receiver.arm(store) if receiver is not None else None
-    started = time.time()
+    started_at = time.time()
     outcome, error = "interrupted", None
+    failing: BatchRunnerError | None = None
+    links: dict[str, str] = {}
+    links_expire_at: float | None = None
     try:
+        before = store.totals()
         store.start_run()
-        store.recover()
-        store.reset_failed(retryable_only=not config.retry_failed)
-        async with Client(
-            api_key=api_key,
-            base_url=base_url,
-            host_header=host_header or API_HOST,
-            connections=config.concurrency + config.poll_connections,
-        ) as client:
-            runner = Runner(config, store, client, on_event=on_event, rng=rng, callbacks=hub)
-            await runner.run(store.work())
+        async with AsyncExitStack() as stack:
+            inputs, results, remote = await _storages(plan, config, store, stack)
+            found = store.recover(remote)
+            store.reset_failed(retryable_only=not config.retry_failed)
+            if inputs is not None and plan is not None and plan.inputs:  # before the first submit: every pending job's files, once
+                wanted = {t for job in store.work() if job.state == JobState.PENDING for t in tokens(job.body)}
+                uploaded = await inputs.prepare([plan.inputs[t] for t in sorted(wanted) if t in plan.inputs])
+                if on_event is not None and wanted:
+                    on_event("inputs", None, f"{uploaded} input file(s) uploaded, {len(wanted) - uploaded} already stored")
+            if results is not None and remote is not None:
+                await _store_unstored(store, results, remote, config)
+            start = started(
+                config.out_dir, store.counts(), found,
+                spent=before["credits_spent"], ambiguous_before=int(before["ambiguous_resubmitted"]), resuming=resuming,
+            )  # fmt: skip
+            if on_start is not None:
+                on_start(start)
+            if client is None:
+                client = await stack.enter_async_context(
+                    Client(
+                        api_key=api_key or "",
+                        base_url=base_url or DEFAULT_BASE_URL,
+                        host_header=host_header or API_HOST,
+                        connections=config.concurrency + config.poll_connections,
+                    )
+                )
+            runner = Runner(config, store, client, on_event=on_event, rng=rng, inputs=inputs, results=results, callbacks=hub)
+            if interrupt is not None:
+                interrupt._runner = runner
+                if interrupt.requests:
+                    runner.interrupted = True
+            if not runner.interrupted:
+                await runner.run(store.work())
+            if results is not None and not config.keep_local:
+                links, links_expire_at = await _links(store, results), time.time() + LINK_LIFETIME_S
         counts = store.counts()
-        if runner.stop_reason is not None:
+        if runner.interrupted:
+            outcome = "interrupted"
+        elif runner.stop_reason is not None:
             outcome, error = "stopped", runner.stop_reason
         else:
             outcome = "failed" if counts.get("failed") else "complete"
     except BatchRunnerError as exc:
-        outcome, error = "stopped", exc.message
+        outcome, error, failing = "stopped", exc.message, exc
         raise
     finally:
         try:
-            summary = write_reports(store, wall_s=time.time() - started, outcome=outcome, error=error)
+            summary = write_reports(
+                store, wall_s=time.time() - started_at, outcome=outcome, error=error, links=links, links_expire_at=links_expire_at
+            )
             store.end_run(outcome, summary)
+        except BatchRunnerError as report_exc:  # the reports (disk full…): never hide why the run itself stopped
+            if failing is None:
+                raise
+            failing.args = (f"{failing.message} (and the reports could not be written: {report_exc.message})",)
         finally:
             store.close()
-    return RunResult(outcome, dict(summary["counts"]), summary, error)
+    counts = dict(summary["counts"])
+    return RunResult(outcome, counts, summary, error, start=start, tally=tally(start, counts, summary["ambiguous_resubmitted"]))
+
+
+STORAGE_META = "storage"  # the storage a run used, so `retry DIR` (no manifest) keeps its results where they are
+
+
+def _storage_settings(config: RunConfig, store: Store, *, rerun: bool) -> RunConfig:
+    """Remember the run's storage in the state; a rerun without a manifest or --storage uses the one remembered."""
+    if config.storage_url is not None:
+        kept = {"url": config.storage_url, "endpoint": config.storage_endpoint, "keep_local": config.keep_local}
+        store.set_meta(STORAGE_META, json.dumps(kept | {"url_lifetime_s": config.url_lifetime_s}))
+        return config
+    remembered = store.meta(STORAGE_META) if rerun else None
+    if not remembered:
+        return config
+    kept = json.loads(remembered)
+    return replace(
+        config,
+        storage_url=kept["url"],
+        storage_endpoint=kept["endpoint"],
+        keep_local=kept["keep_local"],
+        url_lifetime_s=kept["url_lifetime_s"],
+    )
+
+
+INPUTS_PREFIX = ".batchrunner/inputs"  # where file: inputs go in the bucket (a hidden name: never a result's path)
+
+
+async def _storages(
+    plan: Plan | None, config: RunConfig, store: Store, stack: Any
+) -> tuple[Inputs | None, Storage | None, set[str] | None]:
+    """The run's input store, result store, and the results already whole in the bucket (one listing)."""
+    if config.storage_url:
+        storage = await stack.enter_async_context(open_storage(config.storage_url, endpoint=config.storage_endpoint))
+        await storage.check()
+        listing = await storage.list("")
+        return Inputs(storage, lifetime_s=config.url_lifetime_s, prefix=INPUTS_PREFIX), storage, complete(listing)
+    if config.backend == "sandbox" and (plan is None or plan.inputs):  # no cloud: inputs served from the output folder on loopback
+        loopback = await stack.enter_async_context(LoopbackStorage(config.out_dir / ".batchrunner" / "inputs"))
+        return Inputs(loopback, lifetime_s=config.url_lifetime_s, prefix=""), None, None
+    return None, None, None
+
+
+LINK_LIFETIME_S = 7 * 24 * 3600.0  # the gallery's links to results kept only in the bucket (S3's longest)
+
+
+async def _links(store: Store, results: Storage) -> dict[str, str]:
+    """Presigned links to the done results the gallery shows (its first page), for results kept only in the bucket."""
+    from .report import GALLERY_LIMIT
+
+    paths = [job["path"] for job in store.rows(states=["done"]) if job["path"]][:GALLERY_LIMIT]
+    return {path: await results.presign(path, LINK_LIFETIME_S) for path in paths}
+
+
+async def _store_unstored(store: Store, results: Storage, remote: set[str], config: RunConfig) -> None:
+    """Resume: mark the done results the bucket's listing holds; store the others from their local copies."""
+    now = time.time()
+    for job_id, rel, sha256, size in store.unstored():
+        if rel in remote:
+            store.mark_stored(job_id, now)
+            continue
+        src = config.out_dir / rel
+        if not src.is_file():
+            continue
+        sidecar = (config.out_dir / (rel + SIDECAR)).read_text("utf-8")
+        try:
+            await results.put_result(rel, src, sidecar, sha256=sha256, size=size, take=not config.keep_local)
+        except StorageUnavailable:
+            raise
+        except StorageError:
+            continue  # tried again on the next run; the local copy stays
+        if not config.keep_local:
+            (config.out_dir / (rel + SIDECAR)).unlink(missing_ok=True)
+        store.mark_stored(job_id, time.time())
 
 
 def scale_expected(scale: float) -> dict[str, float]:

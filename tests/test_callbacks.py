@@ -57,6 +57,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def events_of(out: Path, kind: str) -> list[tuple[str, str]]:
+    """(job id, detail) of the state's events of ``kind``, read straight from the state file."""
+    conn = sqlite3.connect(f"file:{out / '.batchrunner' / 'state.sqlite'}?mode=ro", uri=True)
+    try:
+        return [(r[0], r[1]) for r in conn.execute("SELECT job_id, detail FROM events WHERE kind = ?", (kind,))]
+    finally:
+        conn.close()
+
+
 def secrets_of(out: Path) -> tuple[str, list[str]]:
     """The campaign's secret and every job's token, read from the state file."""
     conn = sqlite3.connect(out / ".batchrunner" / "state.sqlite")
@@ -155,11 +164,8 @@ async def test_each_job_is_polled_about_once_when_callbacks_arrive(tmp_path: Pat
     assert report["summary"]["counts"] == {"done": 48}
     secret, tokens = secrets_of(tmp_path / "out")
     assert_nowhere(tmp_path / "out", secret, tokens)
-    store = Store.open(tmp_path / "out", lock=False, create=False)
-    try:  # the raw callbacks are kept for diagnosis, redacted (the sandbox's notice carries the key in its fileURL)
-        kept = [json.loads(r[0]) for r in store.conn.execute("SELECT detail FROM events WHERE kind = 'callback'")]
-    finally:
-        store.close()
+    # the raw callbacks are kept for diagnosis, redacted (the sandbox's notice carries the key in its fileURL)
+    kept = [json.loads(detail) for _, detail in events_of(tmp_path / "out", "callback")]
     assert len(kept) == 48 and all(k["whole"] and "apiKey=REDACTED" in k["body"] for k in kept)
 
 
@@ -291,9 +297,9 @@ async def test_an_oversized_or_slow_body_does_not_stall_the_receiver(tmp_path: P
             assert {"slowjob", "bigjob", "quickjob"} <= set(hub._hints)
             assert receiver.counts["accepted"] == 3 and receiver.counts["cut"] == 2
         store.flush()
-        kept = {r[0]: json.loads(r[1]) for r in store.conn.execute("SELECT job_id, detail FROM events WHERE kind = 'callback'")}
     finally:
         store.close()
+    kept = {job_id: json.loads(detail) for job_id, detail in events_of(tmp_path, "callback")}
     assert kept["quickjob"]["whole"] and not kept["slowjob"]["whole"] and not kept["bigjob"]["whole"]
     assert kept["bigjob"]["bytes"] == 64 * 1024 and len(kept["bigjob"]["body"]) <= 4096
 

@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,14 @@ def manifest(write, n: int, video: int = 0) -> Path:  # type: ignore[no-untyped-
     return write("m.yaml", f"name: kills\nconcurrency: 6\nmatrix: {{i: [{','.join(map(str, range(n)))}]}}\njobs:\n{jobs}")  # type: ignore[no-any-return]
 
 
+def wait_for_events(proc: subprocess.Popen[str], n: int, kind: str = "[") -> None:
+    """Read the run's --verbose event lines until ``n`` of ``kind`` have been printed (or the run ended)."""
+    assert proc.stderr is not None
+    seen = 0
+    while seen < n and (line := proc.stderr.readline()):
+        seen += line.startswith(kind)
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
     path = manifest(write, 25, video=1)  # 75 jobs
@@ -36,14 +43,16 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path, write) -> None:  
     rng = random.Random(2026)
     with sandbox_process("--key", KEY, "--time-scale", "0.01", "--seed", "3") as url:
         env = {"CLIPRISE_API_KEY": KEY, "CLIPRISE_BASE_URL": url}
-        cmd = [sys.executable, "-m", "batchrunner.cli", "run", str(path), "--out", str(out), "--quiet", "--poll-scale", "0.01"]
+        cmd = [sys.executable, "-m", "batchrunner.cli", "run", str(path), "--out", str(out), "--verbose", "--poll-scale", "0.01"]
         full_env = {**os.environ, **env}
         progress = []
-        for _ in range(5):
-            proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.5, 1.5))
+        for _ in range(5):  # each kill lands after a random number of job events: submits, downloads, anything between
+            proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            wait_for_events(proc, rng.randint(2, 30))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            assert proc.stderr is not None
+            proc.stderr.close()
             progress.append(len(peek(out)[0]))
         assert any(0 < done < 75 for done in progress), progress  # kills landed mid-campaign
         done = cli("run", str(path), "--out", str(out), "--quiet", "--poll-scale", "0.01", env=env)
@@ -71,13 +80,13 @@ def test_ctrl_c_or_sigterm_saves_state_exits_130_and_resumes(tmp_path: Path, wri
     with sandbox_process("--key", KEY, "--time-scale", "0.02") as url:
         env = {**os.environ, "CLIPRISE_API_KEY": KEY, "CLIPRISE_BASE_URL": url}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "batchrunner.cli", "run", str(path), "--out", str(out), "--poll-scale", "0.02"],
+            [sys.executable, "-m", "batchrunner.cli", "run", str(path), "--out", str(out), "--poll-scale", "0.02", "--verbose"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1.5)
+        wait_for_events(proc, 10, kind="[done]")  # mid-campaign: some jobs done, others in flight
         proc.send_signal(stop)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
@@ -136,7 +145,7 @@ def test_newcomer_mistakes(tmp_path: Path, write) -> None:  # type: ignore[no-un
     assert first.returncode == 0, first.stderr
     other_manifest = write("other.yaml", "name: other\njobs:\n  - {model: flux-2, prompt: x}\n")
     other = cli("run", str(other_manifest), "--sandbox", "--out", str(tmp_path / "b"))
-    assert other.returncode == 2 and "holds the state of campaign 'demo'" in other.stderr
+    assert other.returncode == 2 and "holds the state of campaign 'demo-csv'" in other.stderr
     zero = cli("run", "manifests/demo.csv", "--sandbox", "--out", str(tmp_path / "c"), "--poll-scale", "0")
     assert zero.returncode == 2 and "--poll-scale: must be a positive number" in zero.stderr and not (tmp_path / "c").exists()
 
@@ -159,7 +168,7 @@ def test_status_retry_and_report_commands(tmp_path: Path, capsys) -> None:  # ty
 def test_demo_command_from_the_readme(tmp_path: Path) -> None:
     result = cli("run", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "complete: 18 done" in result.stdout
+    assert "complete: ran 18 (18 done), skipped 0 already done, 0 failed" in result.stdout
     assert (tmp_path / "report.html").exists()
 
 

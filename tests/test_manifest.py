@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from batchrunner.catalog import load_catalog
@@ -36,6 +36,12 @@ def test_demo_yaml_and_csv_expand() -> None:
     assert csv_specs[0].path == "csv/perfume-1.{ext}"
 
 
+def test_the_two_demos_never_share_a_folder_or_a_campaign() -> None:
+    yaml_manifest, csv_manifest = load(ROOT / "manifests/demo.yaml"), load(ROOT / "manifests/demo.csv")
+    assert (yaml_manifest.name, yaml_manifest.output) == ("demo", ROOT / "manifests/out/demo")
+    assert (csv_manifest.name, csv_manifest.output) == ("demo-csv", ROOT / "manifests/out/demo-csv")
+
+
 def test_yaml_and_csv_give_the_same_jobs(write) -> None:  # type: ignore[no-untyped-def]
     y = write(
         "c.yaml",
@@ -46,9 +52,13 @@ def test_yaml_and_csv_give_the_same_jobs(write) -> None:  # type: ignore[no-unty
 
 
 def test_root_only_model_puts_fields_at_the_root(write) -> None:  # type: ignore[no-untyped-def]
-    m = write("m.yaml", 'jobs:\n  - model: midjourney\n    prompt: "{p} poster"\n    options: {aspect_ratio: "2:3"}\nvars: {p: watch}\n')
-    (spec,) = specs(m)
-    assert spec.body == {"model": "midjourney", "prompt": "watch poster", "options": '{"aspect_ratio":"2:3"}'}
+    # the public docs name no root-only model (6 exist): a catalog the user loads says which are
+    catalog_file = write("models.csv", "model_id,type,input_type,source\nposter-model,image,root-only,our notes\n")
+    catalog, problems = load_catalog(catalog_file)
+    assert not problems and catalog.get("poster-model").root_only  # type: ignore[union-attr]
+    m = write("m.yaml", 'jobs:\n  - model: poster-model\n    prompt: "{p} poster"\n    options: {aspect_ratio: "2:3"}\nvars: {p: watch}\n')
+    (spec,) = expand(load(m), catalog).specs
+    assert spec.body == {"model": "poster-model", "prompt": "watch poster", "options": '{"aspect_ratio":"2:3"}'}
 
 
 def test_rows_matrix_vars_precedence_and_typed_values(write) -> None:  # type: ignore[no-untyped-def]
@@ -104,19 +114,127 @@ BROKEN = [
     ("jobs:\n  - model: flux-2\n    prompt: x\n  - model: flux-2\n    prompt: x\n", "sends the same request as the job on line 2"),
     (
         "path: same.{ext}\njobs:\n  - {model: flux-2, prompt: a}\n  - {model: flux-2, prompt: b}\n",
-        "writes to same.{ext}, as does the job on line 3",
+        "m.yaml:4: jobs[1] writes to same.{ext}, as does the job on line 3; nothing in their vars differs — "
+        "add {job_id} to 'path', or give each job its own 'path:'",
+    ),
+    (  # the message names the var that tells the two apart, not {variant} (already there)
+        "path: 'same-{variant}.{ext}'\nmatrix: {a: [1, 2]}\njobs:\n  - {model: flux-2, prompt: 'x {a}'}\n",
+        "m.yaml:4: jobs[0] writes to same-1.{ext}, as does the job on line 4; they differ in {a} — add it to 'path'",
+    ),
+    (
+        "path: '{r}.{ext}'\nmatrix: {r: ['1:1', '1_1']}\njobs:\n  - {model: flux-2, prompt: 'x {r}'}\n",
+        "m.yaml:4: jobs[0] writes to 1_1.{ext}, as does the job on line 4; their {r} differ, yet give the same file name",
+    ),
+    (
+        "path: '{p}.{ext}'\nmatrix: {p: [Cat, cat]}\njobs:\n  - {model: flux-2, prompt: '{p}'}\n",
+        "m.yaml:4: jobs[0] writes to cat.{ext}, as does the job on line 4 (its path Cat.{ext} differs only in letter case: "
+        "one file on macOS and Windows)",
+    ),
+    # our own names: the state folder, the reports, sidecars, temp and draft files
+    (
+        "path: .batchrunner/state.sqlite\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path '.batchrunner/state.sqlite' has a name starting with '.' (.batchrunner) — hidden names are "
+        "batchrunner's own (.batchrunner/, temp files); remove the dot",
+    ),
+    (
+        "path: '{p}/.{job_id}.{ext}.tmp'\nvars: {p: x}\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path '{p}/.{job_id}.{ext}.tmp' has a name starting with '.' (.36d0f63954e7b7d28c73.{ext}.tmp)",
+    ),
+    (
+        "path: report.json\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path 'report.json' is report.json, which batchrunner writes itself — choose another name",
+    ),
+    (
+        "path: REPORT.html/{job_id}.{ext}\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path 'REPORT.html/{job_id}.{ext}' is REPORT.html, which batchrunner writes itself",
+    ),
+    (
+        "jobs:\n  - {model: flux-2, prompt: a, path: a.png}\n  - {model: flux-2, prompt: b, path: a.png.json}\n",
+        "m.yaml:3: path 'a.png.json' has a name ending in .json (a.png.json) — names ending .json, .tmp and .part are "
+        "batchrunner's own (the sidecar <file>.json beside each result, temp files); use {ext} for the extension",
+    ),
+    ("path: '{job_id}.tmp'\njobs:\n  - {model: flux-2, prompt: a}\n", "m.yaml:1: path '{job_id}.tmp' has a name ending in .tmp"),
+    (
+        "path: 'x.part/{job_id}.{ext}'\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path 'x.part/{job_id}.{ext}' has a name ending in .part (x.part)",
+    ),
+    # a name cannot be a file for one job and a folder for another
+    (
+        "jobs:\n  - {model: flux-2, prompt: a, path: 'x'}\n  - {model: flux-2, prompt: b, path: 'x/y.{ext}'}\n",
+        "m.yaml:3: jobs[1] writes x/y.{ext}, inside a folder named like the file the job on line 2 writes (x) — "
+        "a name cannot be both; change one of the paths",
+    ),
+    (
+        "jobs:\n  - {model: flux-2, prompt: b, path: 'x/y.{ext}'}\n  - {model: flux-2, prompt: a, path: 'X'}\n",
+        "m.yaml:3: jobs[1] writes a file at X, where the job on line 2 needs a folder (it writes x/y.{ext})",
+    ),
+    (
+        "jobs:\n  - {model: flux-2, prompt: a, path: 'x.{ext}'}\n  - {model: flux-2, prompt: b, path: 'X.png'}\n",
+        "m.yaml:3: jobs[1] writes to X.png, and the job on line 2 writes x.{ext}: they are one file whenever the result has "
+        "that extension — give them different names",
+    ),
+    ("jobs:\n  - {model: flux-2, prompt: a, path: 'x.png'}\n  - {model: flux-2, prompt: b, path: 'x.jpg'}\n", None),
+    # file-system limits, in UTF-8 bytes, {ext} counted as 5
+    (
+        "path: '{long}.{ext}'\nvars: {long: " + "a" * 236 + "}\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path '{long}.{ext}' has a file name of 242 bytes (" + "a" * 40 + "…); at most 240 bytes are allowed",
+    ),
+    (
+        "path: '{long}/{job_id}.{ext}'\nvars: {long: " + "é" * 128 + "}\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path '{long}/{job_id}.{ext}' has a folder name of 256 bytes",
+    ),
+    (
+        "path: '{d}/{d}/{d}/{d}/{d}/{job_id}.{ext}'\nvars: {d: " + "d" * 200 + "}\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path '{d}/{d}/{d}/{d}/{d}/{job_id}.{ext}' is 1031 bytes long; at most 1024 bytes are allowed — shorten it",
+    ),
+    # characters that hide what a name is
+    (
+        "path: '{p}.{ext}'\nvars: {p: \"invoice\\u202Egnp.exe\"}\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path '{p}.{ext}' contains the character U+202E (a control or bidirectional character, which would hide "
+        "what the name really is) — remove it from the values the path is made of",
+    ),
+    (
+        "path: '{p}.{ext}'\nvars: {p: \"a\\x07b\"}\njobs:\n  - {model: flux-2, prompt: a}\n",
+        "m.yaml:1: path '{p}.{ext}' contains the character U+0007",
+    ),
+    # prompts are text, of bounded length
+    ("jobs:\n  - model: flux-2\n    prompt: [a, b]\n", "m.yaml:3: jobs[0].prompt: must be text, not a list — write it as one string"),
+    ("jobs:\n  - model: flux-2\n    input: {prompt: {a: 1}}\n", "m.yaml:3: jobs[0].prompt: must be text, not a mapping"),
+    ("jobs:\n  - model: flux-2\n    prompt:\n", "m.yaml:3: jobs[0].prompt: must be text, not empty"),
+    (
+        "jobs:\n  - model: flux-2\n    prompt: " + "p" * 100_001 + "\n",
+        "m.yaml:3: jobs[0].prompt: is 100,001 bytes long; at most 100,000 are allowed — shorten it",
+    ),
+    (
+        "jobs:\n  - model: flux-2\n    prompt: x\n    input: {negative_prompt: " + "n" * 2**20 + "}\n",
+        "m.yaml:2: jobs[0]: the request would be 1,048,638 bytes; at most 1,048,576 — shorten its fields",
+    ),
+    (
+        "max_jobs: 5\nmatrix: {a: [1, 2, 3], b: [1, 2, 3]}\njobs:\n  - {model: flux-2, prompt: '{a} {b}'}\n",
+        "m.yaml:1: the manifest makes 9 jobs, more than the limit of 5 — raise it with 'max_jobs:' in the manifest, or split the campaign",
+    ),
+    # values YAML can hold but a request cannot
+    ("jobs:\n  - model: flux-2\n    prompt: !!binary aGVsbG8=\n", "m.yaml:3: the tag !!binary is not supported"),
+    ("jobs:\n  - model: flux-2\n    prompt: x\n    input: {seed: .inf}\n", "m.yaml:4: YAML: .inf is not a finite number"),
+    (
+        "jobs:\n  - model: flux-2\n    prompt: x\n    input: {seed: " + "9" * 5000 + "}\n",
+        "m.yaml:4: YAML: cannot read this value: Exceeds the limit (4300 digits)",
     ),
     ("path: ../{job_id}.{ext}\njobs:\n  - {model: flux-2, prompt: a}\n", "m.yaml:1: path '../{job_id}.{ext}' uses '..'"),
     ("path: /abs/{job_id}\njobs:\n  - {model: flux-2, prompt: a}\n", "is absolute"),
-    ("jobs:\n  - model: flux-2\n    prompt: a\n    input: {aspect_ratio: '5:7'}\n", "aspect_ratio='5:7' is not accepted by flux-2"),
-    ("jobs:\n  - model: flux-2\n", "model flux-2 requires 'prompt'"),
+    # the public docs list no enums or required fields: nothing invented is enforced
+    ("jobs:\n  - model: flux-2\n    prompt: a\n    input: {aspect_ratio: '5:7'}\n", None),
+    ("jobs:\n  - model: flux-2\n    input: {image_url: 'https://e.com/a.png'}\n", None),
     ("jobs:\n  - prompt: x\n", "m.yaml:2: jobs[0]: no model"),
     ("jobs:\n  - model: flux-2\n    prompt: x\n    variants: 0\n", "m.yaml:4: jobs[0].variants: must be a whole number ≥ 1"),
     ("jobs:\n  - model: flux-2\n    prompt: '{a.b}'\n", "is not a plain variable name"),
     ("- just\n- a list\n", "a manifest is a mapping"),
     ("name: a\nname: b\njobs:\n  - {model: flux-2, prompt: x}\n", "m.yaml:2: 'name' is given twice"),
     ("matrix: {p: []}\njobs:\n  - {model: flux-2, prompt: x}\n", "matrix.p: must be a non-empty list"),
-    ("max_credits: 1\njobs:\n  - {model: flux-2, prompt: x}\n", None),  # valid at plan time: checked by run
+    # plan refuses what run refuses (one check, batchrunner.dryrun)
+    ("max_credits: 1\njobs:\n  - {model: flux-2, prompt: x}\n", "m.yaml:1: max_credits is set but the price of flux-2 is unknown"),
+    ("credits: {flux-2: 2}\nmax_credits: 1\njobs:\n  - {model: flux-2, prompt: x}\n", "the plan costs 2 credits to run"),
+    ("credits: {flux-2: 1}\nmax_credits: 1\njobs:\n  - {model: flux-2, prompt: x}\n", None),
 ]
 
 
@@ -173,30 +291,140 @@ def test_plan_with_prices(write, capsys) -> None:  # type: ignore[no-untyped-def
     assert json.loads(capsys.readouterr().out)["credits"] == 7.5
 
 
-names = st.text(alphabet="abcdefgh", min_size=1, max_size=4)
-values = st.one_of(st.text(alphabet="xyz 01:{}", max_size=6), st.integers(0, 99))
+def test_warnings_name_what_looks_wrong_and_travel_with_errors(write, capsys) -> None:  # type: ignore[no-untyped-def]
+    m = write(
+        "m.yaml",
+        "jobs:\n  - model: flux2\n    prompt: a\n    input: {aspectratio: '1:1', promt: x}\n"
+        "  - model: flux-2\n    prompt: b\n    input: {aspect_ratio: '1:1'}\n",
+    )
+    warnings = expand(load(m), CATALOG).warnings
+    assert warnings == [
+        f"{m}:4: input fields spelt several ways: aspectratio (line 4), aspect_ratio (line 7) — "
+        "if one is misspelt, the model may ignore it",
+        f"{m}:2: model 'flux2' is not in the catalog — did you mean 'flux-2'? It will be sent as written",
+        f"{m}:4: jobs[0].input.promt: did you mean 'prompt'? It will be sent as written",
+    ]
+    broken = write("b.yaml", "jobs:\n  - model: flux2\n    prompt: [a]\n")
+    with pytest.raises(ManifestError) as caught:
+        expand(load(broken), CATALOG)
+    assert caught.value.warnings == [f"{broken}:2: model 'flux2' is not in the catalog — did you mean 'flux-2'? It will be sent as written"]
+    assert main(["plan", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"warning: {broken}:2: model 'flux2'" in err and f"error: {broken}:3: jobs[0].prompt: must be text, not a list" in err
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    matrix=st.dictionaries(names, st.lists(values, min_size=1, max_size=3, unique_by=str), max_size=3),
-    prompts=st.lists(st.text(alphabet="abc {}", max_size=12), min_size=1, max_size=4),
-    seed=st.integers(0, 1000),
-)
-def test_expansion_never_crashes_and_ids_survive_reordering(tmp_path_factory, matrix, prompts, seed) -> None:  # type: ignore[no-untyped-def]
-    folder = tmp_path_factory.mktemp("h")
-    jobs = [{"model": "flux-2", "prompt": p, "variants": 1 + i % 2} for i, p in enumerate(prompts)]
+def test_a_loaded_catalog_is_enforced_as_given(write, capsys) -> None:  # type: ignore[no-untyped-def]
+    catalog = write(
+        "official.csv",
+        "model_id,name,type,input_type,credits,required_fields,params\n"
+        "flux-2,FLUX.2,Image,standard-input,4,prompt,prompt;aspect_ratio=1:1|16:9\n",
+    )
+    m = write(
+        "m.yaml", "jobs:\n  - model: flux-2\n    prompt: a\n    input: {aspect_ratio: '5:7', aspectratio: '1:1'}\n  - model: flux-2\n"
+    )
+    assert main(["plan", str(m), "--catalog", str(catalog)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {m}:4: jobs[0]: aspect_ratio='5:7' is not accepted by flux-2 (accepted: 1:1, 16:9)" in err
+    assert f"error: {m}:5: jobs[1]: model flux-2 requires 'prompt' — add it to the job, its input or defaults" in err
+    assert (
+        f"warning: {m}:4: jobs[0].input.aspectratio: flux-2 has no parameter 'aspectratio' in official.csv, line 2 — "
+        "did you mean 'aspect_ratio'?" in err
+    )
+    ok = write("ok.yaml", "jobs:\n  - model: flux-2\n    prompt: a\n    input: {aspect_ratio: '16:9'}\n")
+    assert main(["plan", str(ok), "--catalog", str(catalog), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["credits"] == 4
 
-    def run(order: list[dict[str, object]]) -> set[tuple[str, str]] | None:
-        path = folder / "m.yaml"
-        path.write_text(json.dumps({"matrix": matrix, "path": "{job_id}.{ext}", "jobs": order}))
-        try:
-            return {(s.id, json.dumps(s.body, sort_keys=True)) for s in specs(path)}
-        except ManifestError as exc:
-            assert exc.problems and all(p.message for p in exc.problems)
-            return None
 
-    shuffled = jobs[:]
-    random.Random(seed).shuffle(shuffled)
-    first, second = run(jobs), run(shuffled)
-    assert first == second
+def test_rows_multiply_only_the_jobs_that_use_their_columns(write) -> None:  # type: ignore[no-untyped-def]
+    write("products.csv", "product,image\nperfume,https://e.com/p.png\nwatch,https://e.com/w.png\n")
+    m = write(
+        "m.yaml",
+        "rows: products.csv\nmatrix: {ratio: ['1:1', '9:16']}\npath: '{model}/{job_id}.{ext}'\njobs:\n"
+        "  - {model: flux-2, prompt: '{product} on white', input: {aspect_ratio: '{ratio}'}}\n"
+        "  - {model: kling-video-turbo, prompt: 'a slow pan', input: {image_url: '{image}'}}\n"
+        "  - {model: seedream-4-5, prompt: 'a brand mood board'}\n",
+    )
+    out = specs(m)
+    assert [s.model for s in out].count("flux-2") == 2 * 2  # rows × the matrix var it uses
+    assert [s.model for s in out].count("kling-video-turbo") == 2  # rows only: it does not use {ratio}
+    assert [s.model for s in out].count("seedream-4-5") == 1  # neither
+
+
+def test_yaml_values_stay_text_where_yaml_1_1_would_guess(write) -> None:  # type: ignore[no-untyped-def]
+    m = write(
+        "m.yaml",
+        "vars: {day: 2024-05-01, ratio: 16:9}\njobs:\n  - {model: flux-2, prompt: '{day}', input: {aspect_ratio: '{ratio}', n: 4}}\n",
+    )
+    (spec,) = specs(m)
+    assert spec.body["input"] == {"prompt": "2024-05-01", "aspect_ratio": "16:9", "n": 4}
+
+
+def test_a_number_prompt_is_sent_as_its_text(write) -> None:  # type: ignore[no-untyped-def]
+    m = write("m.yaml", "matrix: {n: [1, 2]}\njobs:\n  - {model: flux-2, prompt: '{n}'}\n")
+    assert [s.body["input"]["prompt"] for s in specs(m)] == ["1", "2"]
+
+
+# -- property: expansion of valid manifests -------------------------------------------------
+NAMES = ("a", "b", "c", "d")
+value_text = st.text(alphabet="xyz01: -", min_size=1, max_size=6)
+values = st.one_of(value_text, st.integers(0, 99))
+
+
+@st.composite
+def manifests(draw: st.DrawFn) -> tuple[dict[str, list[object]], list[dict[str, object]], bool]:
+    """A manifest built from valid pieces: a matrix, jobs whose prompts use some of its vars; rarely one broken piece."""
+    names = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=3))
+    matrix = {n: draw(st.lists(values, min_size=1, max_size=3, unique_by=lambda v: str(v))) for n in names}
+    jobs = []
+    for i in range(draw(st.integers(1, 4))):
+        used = draw(st.lists(st.sampled_from(names), unique=True)) if names else []
+        words = draw(st.lists(st.sampled_from(["red", "bottle", "{{literal}}", "studio"]), max_size=3))
+        prompt = " ".join([f"job{i}", *words, *(f"{{{n}}}" for n in used)])
+        jobs.append({"model": draw(st.sampled_from(["flux-2", "imagen-v4", "kling-video-turbo"])), "prompt": prompt, "variants": 1 + i % 2})
+    broken = draw(st.integers(0, 19)) == 7  # a few name a var nobody defined (7: not a value hypothesis favours)
+    if broken:
+        jobs[0]["prompt"] = str(jobs[0]["prompt"]) + " {undefined}"
+    return matrix, jobs, broken
+
+
+def test_expansion_of_valid_manifests_is_exact_and_ids_survive_reordering(tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    outcomes: list[bool] = []
+
+    @settings(max_examples=80, deadline=None, database=None, derandomize=True)
+    @given(manifest=manifests(), seed=st.integers(0, 1000))
+    @example(manifest=({"a": ["x", 1]}, [{"model": "flux-2", "prompt": "job0 {a} {undefined}", "variants": 1}], True), seed=3)
+    def check(manifest: tuple[dict[str, list[object]], list[dict[str, object]], bool], seed: int) -> None:
+        matrix, jobs, broken = manifest
+        folder = tmp_path_factory.mktemp("h")
+
+        def run(order: list[dict[str, object]]) -> list[tuple[str, str, str, int]]:
+            path = folder / "m.yaml"
+            path.write_text(json.dumps({"matrix": matrix, "path": "{model}/{job_id}.{ext}", "jobs": order}))
+            return [(s.id, json.dumps(s.body, sort_keys=True), s.path, s.variant) for s in specs(path)]
+
+        shuffled = jobs[:]
+        random.Random(seed).shuffle(shuffled)
+        if broken:
+            with pytest.raises(ManifestError, match=r"m\.yaml:1: jobs\[\d\]\.prompt uses \{undefined\}, which is not defined"):
+                run(jobs)
+            outcomes.append(False)
+            return
+        first, second = run(jobs), run(shuffled)
+        outcomes.append(True)
+        assert sorted(first) == sorted(second)  # the same jobs, ids and paths in any order
+        expected = 0
+        for job in jobs:
+            used = [n for n in matrix if f"{{{n}}}" in str(job["prompt"])]
+            count = int(str(job["variants"]))
+            for n in used:
+                count *= len(matrix[n])
+            expected += count
+        assert len(first) == expected  # each job multiplied by the matrix vars it uses, and its variants
+        assert len({p for _, _, p, _ in first}) == len(first)
+        for jid, body, path, variant in first:
+            assert job_id(json.loads(body), variant) == jid and path.endswith(f"{jid}.{{ext}}")
+
+    check()
+    valid = sum(outcomes) / len(outcomes)
+    assert len(outcomes) >= 50 and valid >= 0.9, f"only {valid:.0%} of {len(outcomes)} generated manifests were valid"
+    assert not all(outcomes)  # the refusal path ran too

@@ -10,12 +10,26 @@ import json
 import re
 
 import aiohttp
-import anyio
 
 from batchrunner.sandbox import SandboxConfig, serve
 
+from .conftest import make_png, serve_files
+
 HOST = {"Host": "business.api.cliprise.app"}
 KEY = "sandbox-key"
+
+
+class Clock:
+    """The sandbox's simulated time, moved by the test: a task finishes when the test says so, not when the machine is fast."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 async def post(url: str, body: object, *, key: str = KEY, host: dict[str, str] = HOST) -> tuple[int, bytes]:
@@ -34,7 +48,8 @@ async def get(url: str, task_id: str, *, key: str = KEY, download: bool = False,
 
 
 async def test_generate_then_poll_then_download_as_documented() -> None:
-    async with serve(SandboxConfig(time_scale=0.002)) as (sandbox, url):
+    clock = Clock()
+    async with serve(SandboxConfig(time_scale=0.002), clock=clock) as (sandbox, url):
         status, raw = await post(url, {"model": "flux-2", "input": {"prompt": "a red bottle", "aspect_ratio": "1:1"}})
         assert status == 200
         body = json.loads(raw)
@@ -43,7 +58,7 @@ async def test_generate_then_poll_then_download_as_documented() -> None:
         assert re.fullmatch(r"[0-9a-f]{28}", task_id)
         status, raw, _ = await get(url, task_id)
         assert (status, json.loads(raw)) == (300, {"status": "processing"})
-        await anyio.sleep(0.1)
+        clock.advance(3600)
         status, raw, _ = await get(url, task_id)
         assert status == 200
         done = json.loads(raw)[0]
@@ -57,10 +72,11 @@ async def test_generate_then_poll_then_download_as_documented() -> None:
 
 
 async def test_video_and_audio_results_are_real_media() -> None:
-    async with serve(SandboxConfig(time_scale=0.0001)) as (_, url):
+    clock = Clock()
+    async with serve(SandboxConfig(time_scale=0.0001), clock=clock) as (_, url):
         _, raw = await post(url, {"model": "kling-video-turbo", "input": {"prompt": "a watch", "duration": "5"}})
         task_id = json.loads(raw)[0]["taskId"]
-        await anyio.sleep(0.05)
+        clock.advance(3600)
         status, data, ctype = await get(url, task_id, download=True)
         assert (status, ctype) == (200, "video/mp4") and data[4:8] == b"ftyp"
 
@@ -89,12 +105,9 @@ async def test_validation_errors_are_http_200_with_code_400() -> None:
     cases = [
         ({"input": {"prompt": "x"}}, "model"),
         ({"model": "flux-2"}, "input"),
-        ({"model": "flux-2", "input": {}}, "prompt"),
         ({"model": "no-such-model", "input": {"prompt": "x"}}, "model"),
         ({"model": "flux-2", "input": {"prompt": "x"}, "options": {"tier": "pro"}}, "options"),
         ({"model": "flux-2", "input": {"prompt": "x"}, "imageURLList": '{"a": 1}'}, "imageURLList"),
-        ({"model": "flux-2", "input": {"prompt": "x", "aspect_ratio": "5:7"}}, "aspect_ratio"),
-        ({"model": "midjourney", "input": {"prompt": "x"}}, "input"),
     ]
     async with serve(SandboxConfig()) as (sandbox, url):
         for body, field in cases:
@@ -105,15 +118,14 @@ async def test_validation_errors_are_http_200_with_code_400() -> None:
         assert sandbox.stats.tasks_created == 0  # no credits used
 
 
-async def test_stringified_fields_and_root_only_models_are_accepted() -> None:
-    async with serve(SandboxConfig(shape="object")) as (_, url):
+async def test_stringified_fields_are_accepted() -> None:
+    photo = make_png(8, 8, lambda x, y: (x * 30, y * 30, 90))
+    async with serve(SandboxConfig(shape="object")) as (_, url), serve_files({"a.png": (200, "image/png", photo)}) as files:
         status, raw = await post(
             url,
-            {"model": "flux-2", "input": {"prompt": "x"}, "options": '{"tier":"pro"}', "imageURLList": '["https://e.com/a.png"]'},
+            {"model": "flux-2", "input": {"prompt": "x"}, "options": '{"tier":"pro"}', "imageURLList": json.dumps([files + "/a.png"])},
         )
         assert status == 200 and json.loads(raw)["code"] == 200  # the bare-object shape
-        status, raw = await post(url, {"model": "midjourney", "prompt": "a poster", "options": '{"aspect_ratio":"2:3"}'})
-        assert status == 200 and "taskId" in json.loads(raw)
 
 
 async def test_empty_body_validation_error_and_402() -> None:
@@ -126,10 +138,11 @@ async def test_empty_body_validation_error_and_402() -> None:
 
 
 async def test_failed_task_answers_400_with_failmsg() -> None:
-    async with serve(SandboxConfig(failure_rate=1.0, time_scale=0.0001)) as (_, url):
+    clock = Clock()
+    async with serve(SandboxConfig(failure_rate=1.0, time_scale=0.0001), clock=clock) as (_, url):
         _, raw = await post(url, {"model": "flux-2", "input": {"prompt": "x"}})
         task_id = json.loads(raw)[0]["taskId"]
-        await anyio.sleep(0.02)
+        clock.advance(3600)
         status, raw, _ = await get(url, task_id)
         answer = json.loads(raw)
         assert status == 400 and answer["status"] == "failed" and answer["failMsg"]

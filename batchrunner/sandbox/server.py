@@ -7,10 +7,39 @@ never as our client would like. Tasks finish lazily: a task's outcome and durati
 drawn (seeded) when it is created and read off the clock when it is asked about, so a
 100,000-task sandbox needs no timers.
 
-Faults are drawn per request from the same seeded generator: 429 with Retry-After
-(seconds or HTTP date), JSON 503, an HTML 502 page, a dropped connection (on generate,
-sometimes after the task was created: the ambiguous case), truncated downloads.
+Faults are drawn per request from the same seeded generator (each knob of
+:class:`SandboxConfig` is off by default, and one that is off draws nothing):
 
+- every request: 429 with Retry-After (seconds, HTTP date or none; ``retry_after_s`` may be
+  huge, e.g. 86400), JSON 503, an HTML 502 page, a dropped connection (on generate,
+  sometimes after the task was created: the ambiguous case); ``revoke_key_after`` N
+  requests, the key is refused as the docs show for a bad key (generate: 401
+  ``invalid_api_key``; status: 400 ``{"msg":"invalid_api_key"}``).
+- status answers: ``p_status_word`` answers ``{"status": status_word}`` with HTTP
+  ``status_word_http`` instead of the task's state (a word never seen before such as
+  ``queued_for_review``, or a failure word such as ``cancelled``, ``error``, ``rejected``);
+  ``p_no_file`` answers a finished task's success without a file (``{"status":"success"}``
+  without ``fileURL``, and the same JSON with HTTP 200 for ``download=true``).
+- result bodies (``download=true`` of a finished task): ``p_truncate`` cuts the body after
+  its Content-Length was sent; ``p_truncate_chunked`` cuts a chunked body (no
+  Content-Length); ``p_truncate_eof`` sends half the body with neither Content-Length nor
+  chunking, then closes the connection (the cut looks like the end); ``p_random_body``
+  sends random bytes declared as the real type (``image/png``…); ``p_denied_page`` sends an
+  XML "Access denied" page as ``application/octet-stream``; ``p_slow_body`` sends the body
+  one byte every ``slow_body_interval_s`` real seconds (slow loris).
+- ``fault_prompt``: when set, the status and result faults touch only tasks whose prompt
+  contains it, so one run can mix broken and healthy jobs deterministically.
+- ``forget_tasks``: a restart loses every task (``tasks_file`` is not read back), so the API
+  answers ``invalid_taskId`` for each task submitted before it.
+
+Source media are checked as the API must (``shared/cliprise-api.md``, "Source media"): every
+``*_url``/``*Url`` field at the root or under ``input``, and each URL in the stringified
+``imageURLList``/``videoURLList``, is fetched before a task is created; a URL that is not
+http(s), cannot be fetched, answers non-2xx or an HTML page, or is not media is a validation
+error. The sandbox fetches loopback addresses only. Results derive from their inputs (see
+``media.py``), and images follow the requested aspect ratio.
+
+``/_sandbox/stats`` and ``/_sandbox/tasks`` (not part of the API) expose what tests assert on.
 ``/_sandbox/stats`` (not part of the API) exposes the counters tests assert on.
 
 Callbacks (the API's payload is not publicly documented; this one is the sandbox's own):
@@ -30,27 +59,34 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
+import ipaddress
 import json
 import math
 import random
+import re
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
 
 from ..callbacks import is_loopback
 from ..catalog import STRINGIFIED, Catalog, load_catalog
+from ..inputs import KINDS, media_type
 from . import media
 
 API_HOST = "business.api.cliprise.app"
 DEFAULT_DURATIONS_S = {"image": (8.0, 0.35), "video": (60.0, 0.35), "audio": (15.0, 0.35)}
+DENIED_PAGE = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message>'
+    b"<RequestId>4442587FB7D0A2F9</RequestId></Error>\n"
+)
 HTML_502 = (
     b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
     b"<hr><center>nginx</center></body></html>"
@@ -77,6 +113,19 @@ class SandboxConfig:
     p_html502: float = 0.0
     p_drop: float = 0.0
     p_truncate: float = 0.0
+    p_truncate_chunked: float = 0.0  # a chunked body (no Content-Length) cut mid-stream
+    p_truncate_eof: float = 0.0  # half the body, no Content-Length nor chunking, then the connection closes
+    p_random_body: float = 0.0  # random bytes declared as the result's type
+    p_denied_page: float = 0.0  # an XML "Access denied" page as application/octet-stream
+    p_slow_body: float = 0.0  # the body one byte every slow_body_interval_s (real seconds)
+    slow_body_interval_s: float = 5.0
+    p_no_file: float = 0.0  # success without a file: no fileURL; download=true answered with JSON
+    p_status_word: float = 0.0  # {"status": status_word} with HTTP status_word_http instead of the task's state
+    status_word: str = "queued_for_review"
+    status_word_http: int = 200
+    fault_prompt: str | None = None  # status and result faults only for tasks whose prompt contains this
+    revoke_key_after: int | None = None  # requests (generate + status) after which the key is refused
+    forget_tasks: bool = False  # a restart loses every task: tasks_file is not read back
     rate_limit_per_s: float | None = None
     shape: str = "array"  # array | object | mixed
     empty_validation: float = 0.0  # share of validation errors answered with an empty body
@@ -85,6 +134,10 @@ class SandboxConfig:
     image_size: int = 96
     catalog_file: Path | None = None
     tasks_file: Path | None = None  # remember tasks across restarts, as the real API does (embedded use)
+    input_timeout_s: float = 10.0  # fetching one source media URL
+    input_max_bytes: int = 64 << 20  # a sandbox limit (the API's is not public)
+    video_min_bytes: int = 0  # video results padded to at least this size (> 1 MiB exercises streamed downloads)
+    chunked_media: bool = False  # results sent without Content-Length (chunked), as some CDNs do
     # callbacks: shares of tasks whose notice is dropped, sent twice, held until the next one is sent, preceded by a premature one
     p_callback_drop: float = 0.0
     p_callback_duplicate: float = 0.0
@@ -103,6 +156,8 @@ class Task:
     fail_reason: str | None
     terminal_seen: bool = False
     seen_at: float | None = None  # when a status call first reported the outcome
+    inputs: tuple[tuple[str, str], ...] = ()  # (field, sha256) of each source media fetched
+    aspect_ratio: str | None = None
     callback: str | None = None  # the callBackUrl it was created with (not kept across restarts)
 
 
@@ -121,6 +176,9 @@ class Stats:
     rate_limited: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     generate_times: list[float] = field(default_factory=list)
+    inputs_fetched: int = 0  # source media URLs fetched and accepted
+    inputs_refused: int = 0  # generate requests refused for a source media URL
+    inputs_by_sha: Counter[str] = field(default_factory=Counter)  # fetches per content
     callbacks: Counter[str] = field(default_factory=Counter)  # scheduled, sent, delivered, refused, failed, dropped, …
 
     def as_json(self) -> dict[str, Any]:
@@ -136,6 +194,9 @@ class Stats:
             "rate_limited": self.rate_limited,
             "faults": dict(self.faults),
             "max_generate_per_s": max_per_window(self.generate_times, 1.0),
+            "inputs_fetched": self.inputs_fetched,
+            "inputs_refused": self.inputs_refused,
+            "inputs_by_sha": dict(self.inputs_by_sha),
             "callbacks": dict(self.callbacks),
         }
 
@@ -167,12 +228,17 @@ class Sandbox:
         self.stats = Stats()
         self.credits = config.credits
         self._window: deque[float] = deque()
-        if config.tasks_file is not None:
+        self._session: aiohttp.ClientSession | None = None  # fetches source media
+        self._pictures: OrderedDict[str, media.Picture] = OrderedDict()  # source images by sha256, most recent last
+        self._requests = 0
+        if config.tasks_file is not None and not config.forget_tasks:
             self._load_tasks(config.tasks_file)
         self.app = web.Application()
         self.app.router.add_post("/app/cliprise/generate", self.generate)
         self.app.router.add_get("/app/cliprise/status", self.status)
         self.app.router.add_get("/_sandbox/stats", self.stats_view)
+        self.app.router.add_get("/_sandbox/tasks", self.tasks_view)
+        self.app.on_cleanup.append(self._close_session)
         self._cb_rng = random.Random(f"{config.seed}-callbacks")  # its own stream: callbacks leave the API's draws as they were
         self._cb_timers: set[asyncio.TimerHandle] = set()
         self._cb_sends: set[asyncio.Task[None]] = set()
@@ -188,7 +254,10 @@ class Sandbox:
         for line in path.read_text().splitlines():
             try:
                 t = json.loads(line)
-                self.tasks[t["id"]] = Task(t["model"], t["modality"], t["prompt"], t["created"] + offset, t["finish"] + offset, t["fail"])
+                self.tasks[t["id"]] = Task(
+                    t["model"], t["modality"], t["prompt"], t["created"] + offset, t["finish"] + offset, t["fail"],
+                    inputs=tuple(t.get("inputs", {}).items()), aspect_ratio=t.get("aspect"),
+                )  # fmt: skip
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a kill
 
@@ -196,7 +265,8 @@ class Sandbox:
         assert self.config.tasks_file is not None
         offset = time.time() - self.clock()
         record = {"id": task_id, "model": task.model, "modality": task.modality, "prompt": task.prompt,
-                  "created": task.created + offset, "finish": task.finish_at + offset, "fail": task.fail_reason}  # fmt: skip
+                  "created": task.created + offset, "finish": task.finish_at + offset, "fail": task.fail_reason,
+                  "inputs": dict(task.inputs), "aspect": task.aspect_ratio}  # fmt: skip
         with self.config.tasks_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -211,7 +281,14 @@ class Sandbox:
 
     def _fault(self, request: web.Request, *, generate: bool) -> web.StreamResponse | str | None:
         """A drawn fault as a response (or a dropped connection, or "drop-after" on generate), or None."""
-        c, r = self.config, self.rng.random()
+        c = self.config
+        self._requests += 1
+        if c.revoke_key_after is not None and self._requests > c.revoke_key_after:
+            self.stats.faults["revoked"] += 1
+            if generate:
+                return self._json({"code": 401, "error": {"code": "invalid_api_key", "message": "Missing or invalid API key."}}, 401)
+            return self._json({"msg": "invalid_api_key"}, 400)
+        r = self.rng.random()
         for name, p in (("429", c.p_429), ("5xx", c.p_5xx), ("html502", c.p_html502), ("drop", c.p_drop)):
             if r < p:
                 self.stats.faults[name] += 1
@@ -320,6 +397,10 @@ class Sandbox:
         error, modality, prompt = self._validate(body)
         if error:
             return self._validation(error)
+        error, inputs = await self._fetch_sources(body)
+        if error:
+            self.stats.inputs_refused += 1
+            return self._validation(error)
         if self.credits is not None:
             if self.credits < self.config.price:
                 return self._json({"code": 402, "msg": "Insufficient credits"}, 402)
@@ -329,7 +410,9 @@ class Sandbox:
         duration = self.rng.lognormvariate(math.log(median), sigma) * self.config.time_scale
         fail = "content policy violation: the prompt was rejected" if self.rng.random() < self.config.failure_rate else None
         now = self.clock()
-        task = self.tasks[task_id] = Task(str(body["model"]), modality, prompt, now, now + duration, fail)
+        task = self.tasks[task_id] = Task(
+            str(body["model"]), modality, prompt, now, now + duration, fail, inputs=inputs, aspect_ratio=_aspect(body)
+        )
         if self.config.tasks_file is not None:
             self._save_task(task_id, task)
         if "callBackUrl" in body:
@@ -351,7 +434,7 @@ class Sandbox:
         fault = self._fault(request, generate=False)
         if isinstance(fault, web.StreamResponse):
             return fault
-        q = request.query
+        q, c = request.query, self.config
         if q.get("apiKey") != self.config.api_key:
             return self._json({"msg": "invalid_api_key"}, 400)
         task_id = q.get("taskId", "")
@@ -359,6 +442,8 @@ class Sandbox:
         if task is None:
             return self._json({"msg": "invalid_taskId"}, 400)
         self.stats.status_by_task[task_id] += 1
+        if self._drawn("status_word", c.p_status_word, task):
+            return self._json(self._shape({"status": c.status_word}), c.status_word_http)
         if self.clock() < task.finish_at:
             return self._json({"status": "processing"}, 300)
         if not task.terminal_seen:
@@ -366,31 +451,154 @@ class Sandbox:
             self.stats.in_flight -= 1
         if task.fail_reason:
             return self._json({"status": "failed", "failMsg": task.fail_reason}, 400)
+        if self._drawn("no_file", c.p_no_file, task):
+            return self._json(self._shape({"status": "success"}))
         if q.get("download") == "true":
             return await self._download(request, task_id, task)
         url = f"https://{API_HOST}/app/cliprise/status?apiKey={self.config.api_key}&taskId={task_id}&download=true"
         return self._json(self._shape({"status": "success", "fileURL": url}))
 
+    def _drawn(self, name: str, p: float, task: Task) -> bool:
+        """Whether a task-scoped fault happens to this request (no draw when it is off or not aimed at this task)."""
+        target = self.config.fault_prompt
+        if not p or (target is not None and target not in task.prompt) or self.rng.random() >= p:
+            return False
+        self.stats.faults[name] += 1
+        return True
+
     async def _download(self, request: web.Request, task_id: str, task: Task) -> web.StreamResponse:
         self.stats.downloads += 1
+        c = self.config
         data, ctype = self._media(task, task_id)
-        if self.rng.random() < self.config.p_truncate:
+        cut = self.rng.random() < c.p_truncate  # drawn even when off, as it always was: seeded runs keep their sequences
+        if cut and (c.fault_prompt is None or c.fault_prompt in task.prompt):
             self.stats.faults["truncate"] += 1
             resp = web.StreamResponse(status=200, headers={"Content-Type": ctype, "Content-Length": str(len(data))})
             await resp.prepare(request)
             await resp.write(data[: len(data) // 2])
             return self._drop(request)
-        return web.Response(status=200, body=data, content_type=ctype)
+        if self._drawn("random_body", c.p_random_body, task):
+            return web.Response(status=200, body=self.rng.randbytes(len(data)), content_type=ctype)
+        if self._drawn("denied_page", c.p_denied_page, task):
+            return web.Response(status=200, body=DENIED_PAGE, content_type="application/octet-stream")
+        if self._drawn("truncate_chunked", c.p_truncate_chunked, task):
+            resp = web.StreamResponse(status=200, headers={"Content-Type": ctype})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            await resp.write(data[: len(data) // 2])
+            return self._drop(request)
+        if self._drawn("truncate_eof", c.p_truncate_eof, task):
+            assert request.transport is not None  # HTTP/1.0-style: the body ends where the connection does
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nConnection: close\r\n\r\n".encode()
+            request.transport.write(head + data[: len(data) // 2])
+            request.transport.close()
+            raise web.HTTPException()  # never sent: the answer is already on its way
+        if self._drawn("slow_body", c.p_slow_body, task):
+            resp = web.StreamResponse(status=200, headers={"Content-Type": ctype, "Content-Length": str(len(data))})
+            await resp.prepare(request)
+            try:
+                for i in range(len(data)):
+                    await resp.write(data[i : i + 1])
+                    await asyncio.sleep(c.slow_body_interval_s)
+            except ConnectionError:  # the client gave up
+                return resp
+            await resp.write_eof()
+            return resp
+        return await self._send(request, data, ctype)
+
+    async def _send(self, request: web.Request, data: bytes, ctype: str) -> web.StreamResponse:
+        if not self.config.chunked_media:
+            return web.Response(status=200, body=data, content_type=ctype)
+        resp = web.StreamResponse(status=200, headers={"Content-Type": ctype})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(data), 64 << 10):
+            await resp.write(data[i : i + (64 << 10)])
+        await resp.write_eof()
+        return resp
 
     def _media(self, task: Task, task_id: str) -> tuple[bytes, str]:
+        """The task's result: derived from its first source image when there is one (and it is still known)."""
+        source = next((self._pictures[sha] for _, sha in task.inputs if sha in self._pictures), None)
+        size = self.config.image_size
+        wanted = task.aspect_ratio or (f"{source.width}:{source.height}" if source else None)
         if task.modality == "image":
-            return media.png(task.prompt, task_id, self.config.image_size), media.CONTENT_TYPES["image"]
+            if source is None:
+                return media.png(task.prompt, task_id, size, task.aspect_ratio), media.CONTENT_TYPES["image"]
+            if any(word in task.model for word in CUT_OUT_MODELS):
+                return media.cut_out(source, task_id), media.CONTENT_TYPES["image"]
+            return media.edited(source, task.prompt, task_id, media.size_for(wanted, size)), media.CONTENT_TYPES["image"]
+        if task.modality == "video":
+            data = media.video_of(source, task_id, media.size_for(wanted, size)) if source else media.mp4(task.prompt, task_id)
+            return media.padded(data, self.config.video_min_bytes), media.CONTENT_TYPES["video"]
         return media.render(task.modality, task.prompt, task_id)
+
+    # -- source media ----------------------------------------------------------------------
+    async def _fetch_sources(self, body: dict[str, Any]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+        """Fetch every source media URL the body names: (the first problem as a validation message, or None; (field, sha256)s)."""
+        fetched = []
+        for name, url in source_urls(body):
+            error, sha = await self._fetch_source(name, url)
+            if error:
+                return error, ()
+            assert sha is not None
+            fetched.append((name, sha))
+        return None, tuple(fetched)
+
+    async def _fetch_source(self, name: str, url: Any) -> tuple[str | None, str | None]:
+        if _host(url) is None:
+            return f"{name}: must be a direct http(s) URL of a file, not {_shown(url)}", None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=self.config.input_timeout_s))
+        for _ in range(MAX_REDIRECTS + 1):
+            host = _host(url) or ""
+            if not _loopback(host):
+                return f"{name}: the sandbox only fetches loopback addresses (127.0.0.1, ::1, localhost), not {host}", None
+            try:
+                async with self._session.get(url, allow_redirects=False) as resp:
+                    if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                        url = urljoin(url, resp.headers["Location"])
+                        continue
+                    if not 200 <= resp.status < 300:
+                        return f"{name}: {_shown(url)} answered HTTP {resp.status}; the API needs a public, direct file URL", None
+                    data = bytearray()
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        data += chunk
+                        if len(data) > self.config.input_max_bytes:
+                            return f"{name}: {_shown(url)} is larger than the sandbox's {self.config.input_max_bytes} bytes", None
+                    html = resp.content_type == "text/html"
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                return f"{name}: {_shown(url)} could not be fetched ({type(exc).__name__})", None
+            head = bytes(data[:64])
+            if html or head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+                return f"{name}: {_shown(url)} is an HTML page, not a media file (a share page? link the file itself)", None
+            ext = media_type(head)
+            if ext is None:
+                return f"{name}: {_shown(url)} is not an image, video or audio file", None
+            sha = hashlib.sha256(data).hexdigest()
+            self.stats.inputs_fetched += 1
+            self.stats.inputs_by_sha[sha] += 1
+            if KINDS[ext] == "image" and sha not in self._pictures:
+                self._pictures[sha] = await asyncio.to_thread(media.picture_of, bytes(data))
+                while len(self._pictures) > PICTURES_KEPT:
+                    self._pictures.popitem(last=False)
+            if sha in self._pictures:
+                self._pictures.move_to_end(sha)
+            return None, sha
+        return f"{name}: {_shown(url)} redirects more than {MAX_REDIRECTS} times", None
+
+    async def _close_session(self, app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def stats_view(self, request: web.Request) -> web.Response:
         return self._json(self.stats.as_json())
 
-    # -- callbacks (a timer per task: tasks otherwise finish lazily) ------------------------------
+    async def tasks_view(self, request: web.Request) -> web.Response:
+        """Each task's model, aspect ratio and the sha256 of every source media the sandbox fetched for it."""
+        return self._json({tid: {"model": t.model, "modality": t.modality, "aspect_ratio": t.aspect_ratio, "inputs": dict(t.inputs)}
+                           for tid, t in self.tasks.items()})  # fmt: skip
+
     async def _callback_created(self, task_id: str, task: Task) -> None:
         """Schedule the notice of a new task for its finish, or draw its fate (dropped, early, …)."""
         c, r, counts = self.config, self._cb_rng, self.stats.callbacks
@@ -475,6 +683,77 @@ class Sandbox:
             await self._cb_session.close()
 
 
+MAX_REDIRECTS = 5
+_RATIO = re.compile(r"\d+\s*[:xX]\s*\d+")
+PICTURES_KEPT = 64
+CUT_OUT_MODELS = ("remove-bg", "removebg", "background-remov", "cutout", "cut-out")
+NOT_SOURCES = ("callBackUrl",)  # ends in Url, but is where the API calls back, not media
+
+
+def source_urls(body: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(field, URL) of every source media a generate body names: ``*_url``/``*Url`` fields at the root or
+    under ``input`` (each item of a list value), and each URL in the stringified imageURLList/videoURLList."""
+    found: list[tuple[str, Any]] = []
+    nested = body.get("input")
+    for where, fields in (("", body), ("input.", nested if isinstance(nested, dict) else {})):
+        for key, value in fields.items():
+            if key in NOT_SOURCES or not (key.endswith("_url") or key.endswith("Url")):
+                continue
+            if isinstance(value, list):
+                found.extend((f"{where}{key}[{i}]", v) for i, v in enumerate(value))
+            else:
+                found.append((where + key, value))
+    for key in ("imageURLList", "videoURLList"):
+        if isinstance(body.get(key), str):
+            urls = json.loads(body[key])  # _validate checked it is a JSON array of strings
+            found.extend((f"{key}[{i}]", u) for i, u in enumerate(urls))
+    return found
+
+
+def _aspect(body: dict[str, Any]) -> str | None:
+    """The requested aspect ratio (``aspect_ratio``, or a ``size`` of WxH), in ``input``, at the root, or in ``options``."""
+    places: list[Any] = [body.get("input"), body]
+    if isinstance(body.get("options"), str):
+        places.append(json.loads(body["options"]))
+    for fields in places:
+        if isinstance(fields, dict):
+            for key in ("aspect_ratio", "size"):
+                if isinstance(fields.get(key), str) and _RATIO.fullmatch(fields[key]):
+                    return str(fields[key])
+    return None
+
+
+def _host(url: Any) -> str | None:
+    """The host of an http(s) URL, or None if ``url`` is not one."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        return parts.hostname if parts is not None and parts.scheme in ("http", "https") else None
+    except ValueError:
+        return None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _shown(url: Any) -> str:
+    """A URL as messages show it: without its query (a presigned URL's signature stays out of logs)."""
+    if not isinstance(url, str):
+        return repr(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return repr(url[:80])
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme and parts.netloc else repr(url[:80])
+
+    # -- callbacks (a timer per task: tasks otherwise finish lazily) ------------------------------
+
+
 def _callback_url_ok(url: Any, *, loopback_only: bool = False) -> bool:
     """An https URL (or http to a loopback address: the sandbox's allowance for local testing); ``loopback_only``: and loopback."""
     try:
@@ -489,9 +768,14 @@ def _callback_url_ok(url: Any, *, loopback_only: bool = False) -> bool:
 
 
 @asynccontextmanager
-async def serve(config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[tuple[Sandbox, str]]:
-    """Run a sandbox on ``host:port`` (0: a free port) for the duration of the block; yields (sandbox, base URL)."""
-    sandbox = Sandbox(config)
+async def serve(
+    config: SandboxConfig, *, host: str = "127.0.0.1", port: int = 0, clock: Callable[[], float] = time.monotonic
+) -> AsyncIterator[tuple[Sandbox, str]]:
+    """Run a sandbox on ``host:port`` (0: a free port) for the duration of the block; yields (sandbox, base URL).
+
+    ``clock`` is the simulated time tasks finish by (tests pass one they advance by hand).
+    """
+    sandbox = Sandbox(config, clock=clock)
     runner = web.AppRunner(sandbox.app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
