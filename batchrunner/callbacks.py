@@ -54,6 +54,7 @@ READ_TIMEOUT_S = 5.0  # a body still arriving after this is cut: a slow client h
 STRETCH_MAX = 4.0  # polls never come later than this many times their normal delay
 RATIO_Q = 0.97  # the first poll aims past this share of the finishes callbacks announced
 TRUST_FULL, TRUST_NONE = 0.04, 0.15  # miss rates at which the stretch is full / off
+SILENCE_WARN = 20  # this many finishes in a row without any callback make the run say that callbacks stopped coming
 CARRIED = 30  # finishes' worth of the last run's reliability a new run starts from
 _INF = float("inf")
 
@@ -216,6 +217,8 @@ class Hub:
         self.ratios: deque[float] = deque(maxlen=200)
         self.announced: deque[list[bool]] = deque(maxlen=100)
         self._stretch: float | None = None
+        self._silent = 0  # finishes since the last callback of any job
+        self._alarmed = False
         if store is not None:
             self._load(store.meta("callback_learning"))
 
@@ -233,6 +236,7 @@ class Hub:
     # -- wake-ups ------------------------------------------------------------------------------
     def hint(self, job_id: str) -> None:
         """A valid callback for ``job_id`` arrived: wake its poller (or remember it for its next wait)."""
+        self._silent, self._alarmed = 0, False
         record = self._unannounced.pop(job_id, None)
         if record is not None:  # finished already (found by a poll): the callback came, late
             record[0] = True
@@ -311,6 +315,7 @@ class Hub:
             ahead: float | None = max(0.0, due - now)
         else:
             ahead = None
+            self._silent += 1
             self.announced.append(record)
             self._unannounced[job_id] = record
             if len(self._unannounced) > 1000:
@@ -319,6 +324,16 @@ class Hub:
         if self.counts["finished"] % 10 == 0:
             self.save()
         return ahead
+
+    def alarm(self) -> str | None:
+        """Once per silence: what to tell the user when :data:`SILENCE_WARN` finishes in a row came with no callback."""
+        if self._silent < SILENCE_WARN or self._alarmed:
+            return None
+        self._alarmed = True
+        return (
+            f"no callback has come for the last {self._silent} finished jobs: check that {self.base_url} reaches this "
+            "run's receiver (the reverse proxy or tunnel in front of it); polling goes on, so no job is lost, only noticed later"
+        )
 
     def stretch(self) -> float:
         now = anyio.current_time()

@@ -574,6 +574,8 @@ class Runner:
                                 return
                             continue
                         ahead = self.callbacks.finished(job.id) if self.callbacks is not None else None
+                        if self.callbacks is not None and (alarm := self.callbacks.alarm()):
+                            self.on_event("callbacks", None, alarm)
                         if job.duration_s is None:  # learn when jobs of this model finish (as the poll a callback replaced would have)
                             job.duration_s = Durations.estimate(processing_at, asked + (ahead or 0.0))
                             self.durations.observe(job.model, job.duration_s)
