@@ -23,7 +23,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from statistics import mean, quantiles
+from statistics import mean, quantiles, stdev
 from typing import Any
 
 import anyio
@@ -38,7 +38,7 @@ from batchrunner.sandbox import SandboxConfig, serve
 
 async def campaign(
     jobs: int, concurrency: int, scale: float, sigma: float, folder: Path, seed: int, tag: str, drop: float | None = None
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Run ``jobs`` jobs (3/4 images, 1/4 videos) all at once into ``folder/out``; measure them.
 
     ``drop``: None polls only; a number turns the callback receiver on, with that share of callbacks dropped.
@@ -73,6 +73,7 @@ async def campaign(
         "after_first_wave": round(mean(later), 3),
         "late_p50": round(q[49], 4),
         "late_p95": round(q[94], 4),
+        "calls": calls,  # per task, in creation order: the n-th task has the same duration in every mode (same seed)
     }
 
 
@@ -107,9 +108,29 @@ async def side_by_side(
         row: dict[str, Any] = {"sigma": sigma, "mode": mode, "rounds": rounds}
         for phase in ("cold", "warm"):
             figures = [f[phase] for f in rounds]
-            row[phase] = {k: round(mean(f[k] for f in figures), 4) for k in figures[0]}  # type: ignore[index, attr-defined]
+            row[phase] = {k: round(mean(f[k] for f in figures), 4) for k in figures[0] if k != "calls"}  # type: ignore[index, attr-defined]
+            base = runs.get((sigma, "poll-only"))
+            if base is not None and mode != "poll-only":
+                # paired by task: the same task (same duration) asked with callbacks minus asked by polling alone
+                pairs = [
+                    m - b for f, g in zip(rounds, base, strict=True) for m, b in zip(f[phase]["calls"], g[phase]["calls"], strict=True)
+                ]  # type: ignore[index]
+                half = 1.96 * stdev(pairs) / len(pairs) ** 0.5 if len(pairs) > 1 else 0.0
+                row[phase]["vs_poll_only"] = [round(mean(pairs), 3), round(half, 3)]
         rows.append(row)
+    for row in rows:
+        for r in row["rounds"]:
+            for phase in ("cold", "warm"):
+                r[phase].pop("calls", None)
     return rows
+
+
+def _paired(figures: dict[str, Any]) -> str:
+    """Mean calls per job minus poll-only's on the same tasks, with a 95 % interval ("" for poll-only itself)."""
+    if "vs_poll_only" not in figures:
+        return ""
+    d, half = figures["vs_poll_only"]
+    return f"{d:+.3f} ± {half:.3f}"
 
 
 def callbacks_main(args: argparse.Namespace) -> None:
@@ -118,14 +139,15 @@ def callbacks_main(args: argparse.Namespace) -> None:
         rows = anyio.run(side_by_side, args.jobs, args.concurrency, args.time_scale, sigmas, args.drop, args.repeat, Path(tmp), args.modes)
     print(
         f"{'sigma':>5}  {'mode':<26} {'warm calls/job':>14} {'warm p95 late':>13} {'cold calls/job':>14} {'cold p95 late':>13} "
-        f"{'cold after 1st wave':>19}"
+        f"{'cold after 1st wave':>19} {'vs poll-only, paired (warm / cold)':>36}"
     )
     for row in rows:
         warm, cold = row["warm"], row["cold"]
         assert isinstance(warm, dict) and isinstance(cold, dict)
         print(
             f"{row['sigma']:>5}  {row['mode']:<26} {warm['status_calls_per_job']:>14.3f} {warm['late_p95']:>13.1%} "
-            f"{cold['status_calls_per_job']:>14.3f} {cold['late_p95']:>13.1%} {cold['after_first_wave']:>19.3f}"
+            f"{cold['status_calls_per_job']:>14.3f} {cold['late_p95']:>13.1%} {cold['after_first_wave']:>19.3f} "
+            f"{_paired(warm):>17} / {_paired(cold):<17}"
         )
     print(json.dumps({"jobs": rows[0]["warm"]["jobs"], "rows": rows, "time_scale": args.time_scale, "drop": args.drop}))
 
@@ -155,6 +177,8 @@ def main() -> None:
         )
     warm = figures["warm"]
     assert isinstance(warm, dict)
+    for f in figures.values():
+        f.pop("calls", None)  # type: ignore[union-attr]
     print(json.dumps({**warm, "cold": figures["cold"], "time_scale": args.time_scale, "sigma": args.sigma}))
 
 
