@@ -54,6 +54,7 @@ READ_TIMEOUT_S = 5.0  # a body still arriving after this is cut: a slow client h
 STRETCH_MAX = 4.0  # polls never come later than this many times their normal delay
 RATIO_Q = 0.97  # the first poll aims past this share of the finishes callbacks announced
 TRUST_FULL, TRUST_NONE = 0.04, 0.15  # miss rates at which the stretch is full / off
+SILENCE_WARN = 20  # this many finishes in a row without any callback make the run say that callbacks stopped coming
 CARRIED = 30  # finishes' worth of the last run's reliability a new run starts from
 _INF = float("inf")
 
@@ -216,6 +217,8 @@ class Hub:
         self.ratios: deque[float] = deque(maxlen=200)
         self.announced: deque[list[bool]] = deque(maxlen=100)
         self._stretch: float | None = None
+        self._silent = 0  # finishes since the last callback of any job
+        self._alarmed = False
         if store is not None:
             self._load(store.meta("callback_learning"))
 
@@ -233,6 +236,7 @@ class Hub:
     # -- wake-ups ------------------------------------------------------------------------------
     def hint(self, job_id: str) -> None:
         """A valid callback for ``job_id`` arrived: wake its poller (or remember it for its next wait)."""
+        self._silent, self._alarmed = 0, False
         record = self._unannounced.pop(job_id, None)
         if record is not None:  # finished already (found by a poll): the callback came, late
             record[0] = True
@@ -283,8 +287,13 @@ class Hub:
         elif first:
             self._expired.add(job_id)
 
-    def finished(self, job_id: str) -> bool:
-        """A poll found the job finished: learn whether a callback announced it (True: it finished just before this poll)."""
+    def finished(self, job_id: str) -> float | None:
+        """A poll found the job finished: learn whether a callback announced it.
+
+        Returns None when none did, else how many seconds before the poll it replaced this poll
+        came (0 when that is not known): the runner learns the job's duration as that poll would
+        have found it, so that callbacks change when jobs are asked, not what the schedule learns.
+        """
         announced = job_id in self._hinted or job_id in self._hints
         due = self._due.pop(job_id, 0.0)
         self._hinted.discard(job_id)
@@ -298,11 +307,15 @@ class Hub:
             # Counted only once the poll a callback replaced would have come: a lost callback shows only at a poll, so
             # counting announced finishes sooner would overrate callbacks early on — and the stretch that follows
             # would delay the very polls that find the lost ones (a run losing 30 % would stretch itself).
-            if due > anyio.current_time():
+            now = anyio.current_time()
+            if due > now:
                 heapq.heappush(self._maturing, (due, self.counts["finished"], record))
             else:
                 self.announced.append(record)
+            ahead: float | None = max(0.0, due - now)
         else:
+            ahead = None
+            self._silent += 1
             self.announced.append(record)
             self._unannounced[job_id] = record
             if len(self._unannounced) > 1000:
@@ -310,7 +323,17 @@ class Hub:
         self._stretch = None
         if self.counts["finished"] % 10 == 0:
             self.save()
-        return announced
+        return ahead
+
+    def alarm(self) -> str | None:
+        """Once per silence: what to tell the user when :data:`SILENCE_WARN` finishes in a row came with no callback."""
+        if self._silent < SILENCE_WARN or self._alarmed:
+            return None
+        self._alarmed = True
+        return (
+            f"no callback has come for the last {self._silent} finished jobs: check that {self.base_url} reaches this "
+            "run's receiver (the reverse proxy or tunnel in front of it); polling goes on, so no job is lost, only noticed later"
+        )
 
     def stretch(self) -> float:
         now = anyio.current_time()

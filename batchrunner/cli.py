@@ -237,6 +237,8 @@ class Progress:
             self._echo(f"[{kind}] {job.id if job else ''} {detail}")
         if kind == "paused" and not self.verbose:
             self._write(f"paused: {detail}")
+        if kind == "callbacks" and not self.verbose:
+            self._write(f"warning: {detail}")
         if self.bar is not None:
             self.bar.set_postfix_str(self._postfix(), refresh=False)
             if kind in ("done", "failed"):
@@ -497,6 +499,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         tasks_file=Path(args.tasks_file) if args.tasks_file else None, forget_tasks=args.forget_tasks,
         rate_limit_per_s=args.rate_limit, shape=args.shape, credits=args.credits,
         video_min_bytes=args.video_min_bytes, chunked_media=args.chunked_media,
+        p_callback_drop=args.p_callback_drop, p_callback_duplicate=args.p_callback_duplicate,
+        p_callback_reorder=args.p_callback_reorder, p_callback_early=args.p_callback_early, callback_delay_s=args.callback_delay,
     )  # fmt: skip
 
     async def serve_forever() -> None:
@@ -765,6 +769,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--p-5xx", type=float, default=0.0, help="share of requests answered JSON 503 (default %(default)s)")
     p.add_argument("--p-html502", type=float, default=0.0, help="share of requests answered an HTML 502 page (default %(default)s)")
     p.add_argument("--p-drop", type=float, default=0.0, help="share of requests whose connection is dropped (default %(default)s)")
+    p.add_argument("--p-callback-drop", type=float, default=0.0, help="share of callbacks never sent (default %(default)s)")
+    p.add_argument("--p-callback-duplicate", type=float, default=0.0, help="share of callbacks sent twice (default %(default)s)")
+    p.add_argument(
+        "--p-callback-reorder", type=float, default=0.0, help="share of callbacks held back behind the next one (default %(default)s)"
+    )
+    p.add_argument("--p-callback-early", type=float, default=0.0, help="share of tasks also called back when created (default %(default)s)")
+    p.add_argument(
+        "--callback-delay", type=float, default=0.0, help="callbacks come up to this many simulated seconds late (default %(default)s)"
+    )
     p.add_argument("--p-truncate", type=float, default=0.0, help="share of results cut after their Content-Length (default %(default)s)")
     p.add_argument(
         "--p-truncate-chunked", type=float, default=0.0, help="share of results sent chunked and cut mid-stream (default %(default)s)"

@@ -610,9 +610,11 @@ class Runner:
                                 self._fail(job, f"the API answered {unrecognised} times without a result URL: {answer.text}", REPOLL)
                                 return
                             continue
-                        announced = self.callbacks is not None and self.callbacks.finished(job.id)
-                        if job.duration_s is None:  # learn when jobs of this model finish (announced by a callback: just now)
-                            job.duration_s = asked if announced else Durations.estimate(processing_at, asked)
+                        ahead = self.callbacks.finished(job.id) if self.callbacks is not None else None
+                        if self.callbacks is not None and (alarm := self.callbacks.alarm()):
+                            self.on_event("callbacks", None, alarm)
+                        if job.duration_s is None:  # learn when jobs of this model finish (as the poll a callback replaced would have)
+                            job.duration_s = Durations.estimate(processing_at, asked + (ahead or 0.0))
                             self.durations.observe(job.model, job.duration_s)
                         if isinstance(answer, Failed):
                             self._fail(job, f"the API failed the task: {answer.reason}", NOT_RETRYABLE)

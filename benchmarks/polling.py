@@ -23,7 +23,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from statistics import mean, quantiles
+from statistics import mean, quantiles, stdev
 from typing import Any
 
 import anyio
@@ -38,7 +38,7 @@ from batchrunner.sandbox import SandboxConfig, serve
 
 async def campaign(
     jobs: int, concurrency: int, scale: float, sigma: float, folder: Path, seed: int, tag: str, drop: float | None = None
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Run ``jobs`` jobs (3/4 images, 1/4 videos) all at once into ``folder/out``; measure them.
 
     ``drop``: None polls only; a number turns the callback receiver on, with that share of callbacks dropped.
@@ -65,7 +65,16 @@ async def campaign(
         late = [(t.seen_at - t.finish_at) / (t.finish_at - t.created) for t in sandbox.tasks.values() if t.seen_at is not None]
         calls = [sandbox.stats.status_by_task[task_id] for task_id in sandbox.tasks]
     q = quantiles(late, n=100)
-    return {"jobs": len(calls), "status_calls_per_job": round(mean(calls), 3), "late_p50": round(q[49], 4), "late_p95": round(q[94], 4)}
+    # the first wave (the first ``concurrency`` tasks) is asked before anything about the model or the callbacks is known
+    later = calls[concurrency:] or calls
+    return {
+        "jobs": len(calls),
+        "status_calls_per_job": round(mean(calls), 3),
+        "after_first_wave": round(mean(later), 3),
+        "late_p50": round(q[49], 4),
+        "late_p95": round(q[94], 4),
+        "calls": calls,  # per task, in creation order: the n-th task has the same duration in every mode (same seed)
+    }
 
 
 async def measure(
@@ -78,13 +87,15 @@ async def measure(
 
 
 async def side_by_side(
-    jobs: int, concurrency: int, scale: float, sigmas: list[float], drop: float, repeat: int, folder: Path
+    jobs: int, concurrency: int, scale: float, sigmas: list[float], drop: float, repeat: int, folder: Path, only: str = ""
 ) -> list[dict[str, Any]]:
     """Poll-only, callbacks delivered, callbacks ``drop`` dropped: cold and warm at each sigma, each mode in its own directory.
 
     Each of ``repeat`` rounds runs the three modes on the same seeds (other seeds each round); figures are means over rounds.
     """
-    modes = (("poll-only", None), ("callbacks", 0.0), (f"callbacks, {drop:.0%} dropped", drop))
+    modes = [("poll-only", None), ("callbacks", 0.0), (f"callbacks, {drop:.0%} dropped", drop)]
+    if only:
+        modes = [m for key, m in zip(("poll", "callbacks", "dropped"), modes, strict=True) if key in only.split(",")]
     runs: dict[tuple[float, str], list[dict[str, object]]] = {}
     for r in range(repeat):
         for sigma in sigmas:
@@ -97,22 +108,46 @@ async def side_by_side(
         row: dict[str, Any] = {"sigma": sigma, "mode": mode, "rounds": rounds}
         for phase in ("cold", "warm"):
             figures = [f[phase] for f in rounds]
-            row[phase] = {k: round(mean(f[k] for f in figures), 4) for k in figures[0]}  # type: ignore[index, attr-defined]
+            row[phase] = {k: round(mean(f[k] for f in figures), 4) for k in figures[0] if k != "calls"}  # type: ignore[index, attr-defined]
+            base = runs.get((sigma, "poll-only"))
+            if base is not None and mode != "poll-only":
+                # paired by task: the same task (same duration) asked with callbacks minus asked by polling alone
+                pairs = [
+                    m - b for f, g in zip(rounds, base, strict=True) for m, b in zip(f[phase]["calls"], g[phase]["calls"], strict=True)
+                ]  # type: ignore[index]
+                half = 1.96 * stdev(pairs) / len(pairs) ** 0.5 if len(pairs) > 1 else 0.0
+                row[phase]["vs_poll_only"] = [round(mean(pairs), 3), round(half, 3)]
         rows.append(row)
+    for row in rows:
+        for r in row["rounds"]:
+            for phase in ("cold", "warm"):
+                r[phase].pop("calls", None)
     return rows
+
+
+def _paired(figures: dict[str, Any]) -> str:
+    """Mean calls per job minus poll-only's on the same tasks, with a 95 % interval ("" for poll-only itself)."""
+    if "vs_poll_only" not in figures:
+        return ""
+    d, half = figures["vs_poll_only"]
+    return f"{d:+.3f} ± {half:.3f}"
 
 
 def callbacks_main(args: argparse.Namespace) -> None:
     sigmas = [float(s) for s in args.sigmas.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = anyio.run(side_by_side, args.jobs, args.concurrency, args.time_scale, sigmas, args.drop, args.repeat, Path(tmp))
-    print(f"{'sigma':>5}  {'mode':<26} {'warm calls/job':>14} {'warm p95 late':>13} {'cold calls/job':>14} {'cold p95 late':>13}")
+        rows = anyio.run(side_by_side, args.jobs, args.concurrency, args.time_scale, sigmas, args.drop, args.repeat, Path(tmp), args.modes)
+    print(
+        f"{'sigma':>5}  {'mode':<26} {'warm calls/job':>14} {'warm p95 late':>13} {'cold calls/job':>14} {'cold p95 late':>13} "
+        f"{'cold after 1st wave':>19} {'vs poll-only, paired (warm / cold)':>36}"
+    )
     for row in rows:
         warm, cold = row["warm"], row["cold"]
         assert isinstance(warm, dict) and isinstance(cold, dict)
         print(
             f"{row['sigma']:>5}  {row['mode']:<26} {warm['status_calls_per_job']:>14.3f} {warm['late_p95']:>13.1%} "
-            f"{cold['status_calls_per_job']:>14.3f} {cold['late_p95']:>13.1%}"
+            f"{cold['status_calls_per_job']:>14.3f} {cold['late_p95']:>13.1%} {cold['after_first_wave']:>19.3f} "
+            f"{_paired(warm):>17} / {_paired(cold):<17}"
         )
     print(json.dumps({"jobs": rows[0]["warm"]["jobs"], "rows": rows, "time_scale": args.time_scale, "drop": args.drop}))
 
@@ -126,6 +161,7 @@ def main() -> None:
     parser.add_argument("--callbacks", action="store_true", help="poll-only vs callbacks (delivered, and --drop dropped), side by side")
     parser.add_argument("--sigmas", default="0.1,0.35", help="with --callbacks: the sigmas to run, comma-separated")
     parser.add_argument("--drop", type=float, default=0.3, help="with --callbacks: the share of callbacks the sandbox drops")
+    parser.add_argument("--modes", default="", help="with --callbacks: a subset of poll,callbacks,dropped (default: all three)")
     parser.add_argument("--repeat", type=int, default=1, help="with --callbacks: rounds on other seeds; figures are their means")
     args = parser.parse_args()
     if args.callbacks:
@@ -141,6 +177,8 @@ def main() -> None:
         )
     warm = figures["warm"]
     assert isinstance(warm, dict)
+    for f in figures.values():
+        f.pop("calls", None)  # type: ignore[union-attr]
     print(json.dumps({**warm, "cold": figures["cold"], "time_scale": args.time_scale, "sigma": args.sigma}))
 
 

@@ -22,7 +22,17 @@ import aiohttp
 import anyio
 import pytest
 
-from batchrunner.callbacks import STRETCH_MAX, CallbackSettings, Hub, check_url, listening, parse_listen, stretch_factor, token
+from batchrunner.callbacks import (
+    SILENCE_WARN,
+    STRETCH_MAX,
+    CallbackSettings,
+    Hub,
+    check_url,
+    listening,
+    parse_listen,
+    stretch_factor,
+    token,
+)
 from batchrunner.catalog import load_catalog
 from batchrunner.errors import ManifestError, StateError, redact
 from batchrunner.expand import Plan, expand
@@ -122,6 +132,22 @@ def test_stretch_only_when_callbacks_come_reliably() -> None:
     censored = [*ratios[:90], *[float("inf")] * 10]  # 10 % of first waits ran out with the job still running: wait longer
     assert stretch_factor(censored, [True] * 100) == pytest.approx(STRETCH_MAX, rel=0.05)
     assert stretch_factor([50.0] * 20, [True] * 100) == pytest.approx(STRETCH_MAX, rel=0.05)  # never beyond the cap
+
+
+async def test_silence_is_said_once_per_silence_and_ends_with_any_callback() -> None:
+    hub = Hub("https://hooks.example.com/br", "s" * 64)
+    for i in range(SILENCE_WARN - 1):
+        hub.finished(f"a{i}")
+    assert hub.alarm() is None  # 19 in a row: not yet
+    hub.finished("a-last")
+    said = hub.alarm()
+    assert said is not None and "https://hooks.example.com/br" in said and "polling goes on" in said
+    hub.finished("after")
+    assert hub.alarm() is None  # said once, not at every finish
+    hub.hint("late-one")  # a callback came (for any job): the silence is over
+    for i in range(SILENCE_WARN):
+        hub.finished(f"b{i}")
+    assert hub.alarm() is not None  # a new silence is said again
 
 
 async def test_what_a_run_learned_about_callbacks_carries_over_as_a_share(tmp_path: Path) -> None:
@@ -346,6 +372,28 @@ def test_cli_campaign_with_callbacks_keeps_tokens_out_of_reports_and_logs(tmp_pa
     secret, tokens = secrets_of(out)
     assert_nowhere(out, secret, tokens, run.stdout, run.stderr)
     assert KEY not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("drop", ["1.0", "0.0"], ids=["tunnel-dead", "tunnel-up"])
+def test_a_run_says_when_callbacks_stop_coming(tmp_path: Path, write, drop: str) -> None:  # type: ignore[no-untyped-def]
+    n = SILENCE_WARN + 10
+    cells = ",".join(map(str, range(n)))
+    path = write("m.yaml", f"name: cbsilent\nmatrix: {{i: [{cells}]}}\njobs:\n  - {{model: flux-2, prompt: 'image {{i}}'}}\n")
+    out = tmp_path / "out"
+    with sandbox_process("--key", KEY, "--time-scale", "0.01", "--p-callback-drop", drop) as url:
+        run = cli(
+            "run", str(path), "--out", str(out), "--poll-scale", "0.01", "--concurrency", "8", "--callback-listen", "127.0.0.1:0",
+            env={"CLIPRISE_API_KEY": KEY, "CLIPRISE_BASE_URL": url},
+        )  # fmt: skip
+        counters = stats(url)
+    assert run.returncode == 0, run.stderr
+    assert f"{n} done" in run.stdout  # found by polling, every one
+    said = [line for line in (run.stdout + run.stderr).splitlines() if "no callback has come" in line]
+    if drop == "1.0":
+        assert counters["callbacks"]["dropped"] == n
+        assert len(said) == 1 and said[0].startswith("warning: ") and "polling goes on" in said[0]
+    else:
+        assert counters["callbacks"]["delivered"] == n and said == []
 
 
 def test_cli_refuses_bad_callback_settings(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]

@@ -224,6 +224,10 @@ class Sandbox:
         self.config = config
         self.clock = clock
         self.rng = random.Random(config.seed)
+        # Each task's duration and outcome come from a stream of their own, drawn in creation order: how a client
+        # polls or downloads (which draws from ``rng``) never changes how long the n-th task takes, so two clients
+        # can be compared on the same campaign.
+        self._task_rng = random.Random(f"{config.seed}-tasks")
         self.catalog: Catalog = load_catalog(config.catalog_file)[0]
         self.tasks: dict[str, Task] = {}
         self.stats = Stats()
@@ -408,10 +412,9 @@ class Sandbox:
             self.credits -= self.config.price
         task_id = f"{self.rng.getrandbits(112):028x}"
         median, sigma = self.config.durations_s.get(modality, (10.0, 0.3))
-        duration = self.rng.lognormvariate(math.log(median), sigma) * self.config.time_scale
-        fail = "content policy violation: the prompt was rejected" if self.rng.random() < self.config.failure_rate else None
-        if any(text in prompt for text in self.config.fail_prompts):
-            fail = "content policy violation: the prompt was rejected"
+        duration = self._task_rng.lognormvariate(math.log(median), sigma) * self.config.time_scale
+        failed = self._task_rng.random() < self.config.failure_rate or any(text in prompt for text in self.config.fail_prompts)
+        fail = "content policy violation: the prompt was rejected" if failed else None
         now = self.clock()
         task = self.tasks[task_id] = Task(
             str(body["model"]), modality, prompt, now, now + duration, fail, inputs=inputs, aspect_ratio=_aspect(body)
