@@ -34,7 +34,9 @@ import re
 import string
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,12 @@ SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext")
 # large, is a mistake, and each is stored with the job's state and sent on every retry.
 MAX_PROMPT_BYTES = 100_000
 MAX_BODY_BYTES = 2**20
-DEFAULT_MAX_JOBS = 200_000  # raised with max_jobs: (or expand(max_jobs=)); expansion is held in memory
+# A plan holds its jobs in memory up to KEEP_SPECS; past that they are made again from the
+# manifest at each pass (Specs), and what stays in memory is ~70 bytes a job: the hashes that
+# check ids and paths are unique. DEFAULT_MAX_JOBS bounds that (~150 MB), checked before
+# expanding; raised with max_jobs: (or expand(max_jobs=)).
+DEFAULT_MAX_JOBS = 2_000_000
+KEEP_SPECS = 50_000
 MAX_PROBLEMS = 200
 # Names batchrunner writes in an output folder, which no result may take: the state folder
 # .batchrunner/ and temp files (.<name>.tmp) are hidden names, refused as a class; the reports
@@ -89,11 +96,63 @@ class JobSpec:
 
 
 @dataclass(slots=True)
+class Summary:
+    """What ``plan`` counts, gathered while the jobs are checked (so a streamed plan is not expanded again for it)."""
+
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modalities: Counter[str] = field(default_factory=Counter)
+    credits: float | None = 0.0
+    callbacks: bool = False  # some job's body carries a callBackUrl
+
+    def add(self, spec: JobSpec) -> None:
+        row = self.models.get(spec.model)
+        if row is None:
+            row = self.models[spec.model] = {"jobs": 0, "modality": spec.modality, "credits_each": spec.credits, "credits": 0.0}
+        row["jobs"] += 1
+        row["credits"] = None if spec.credits is None or row["credits"] is None else row["credits"] + spec.credits
+        self.modalities[spec.modality] += 1
+        self.credits = None if spec.credits is None or self.credits is None else self.credits + spec.credits
+        if not self.callbacks and "callBackUrl" in spec.body:
+            self.callbacks = True
+
+
+class Specs(Sequence[JobSpec]):
+    """A plan's jobs when there are more than :data:`KEEP_SPECS`: made again from the manifest at each pass.
+
+    The expansion already checked every job (``expand`` refused a bad manifest), so a pass
+    only renders: the jobs come out identical and in the same order, with the same ids.
+    ``len`` is known; indexing and slicing walk from the start (meant for ``specs[:10]``).
+    """
+
+    def __init__(self, expansion: _Expansion, prepared: list[_Job], count: int, summary: Summary) -> None:
+        self._expansion, self._prepared, self._count, self.summary = expansion, prepared, count, summary
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[JobSpec]:
+        return self._expansion.replay().stream(self._prepared)
+
+    def __getitem__(self, at: Any) -> Any:
+        if isinstance(at, slice):
+            start, stop, step = at.indices(self._count)
+            return list(itertools.islice(iter(self), start, stop, step)) if step > 0 else list(self)[at]
+        index = at + self._count if at < 0 else at
+        if not 0 <= index < self._count:
+            raise IndexError(at)
+        return next(itertools.islice(iter(self), index, None))
+
+
+@dataclass(slots=True)
 class Plan:
-    """The expanded manifest: specs in manifest order, warnings, and counts for ``plan``."""
+    """The expanded manifest: specs in manifest order, warnings, and counts for ``plan``.
+
+    ``specs`` is a list up to :data:`KEEP_SPECS` jobs, else a :class:`Specs` stream (each
+    iteration expands again, in bounded memory); the counts come from the expansion then.
+    """
 
     manifest: Manifest
-    specs: list[JobSpec]
+    specs: Sequence[JobSpec]
     warnings: list[str] = field(default_factory=list)
     inputs: dict[str, InputFile] = field(default_factory=dict)  # token → local file, for every file: value
     input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value (what a run without storage cites)
@@ -108,25 +167,34 @@ class Plan:
                 return str(next(iter(job.fields["matrix"])))
         return None
 
-    def by_model(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
+    def summary(self) -> Summary:
+        if isinstance(self.specs, Specs):
+            return self.specs.summary
+        summary = Summary()
         for spec in self.specs:
-            row = out.setdefault(spec.model, {"jobs": 0, "modality": spec.modality, "credits_each": spec.credits, "credits": 0.0})
-            row["jobs"] += 1
-            row["credits"] = None if spec.credits is None or row["credits"] is None else row["credits"] + spec.credits
-        return out
+            summary.add(spec)
+        return summary
+
+    def by_model(self) -> dict[str, dict[str, Any]]:
+        return {model: dict(row) for model, row in self.summary().models.items()}
 
     def by_modality(self) -> dict[str, int]:
-        return dict(Counter(spec.modality for spec in self.specs))
+        return dict(self.summary().modalities)
 
-    def credits(self, specs: list[JobSpec] | None = None) -> float | None:
+    def credits(self, specs: Sequence[JobSpec] | None = None) -> float | None:
         """Total credits of ``specs`` (default all); None when any price is unknown."""
+        if specs is None:
+            return self.summary().credits
         total = 0.0
-        for spec in self.specs if specs is None else specs:
+        for spec in specs:
             if spec.credits is None:
                 return None
             total += spec.credits
         return total
+
+    def sends_callbacks(self) -> bool:
+        """Whether some job's body carries a ``callBackUrl``."""
+        return self.summary().callbacks
 
 
 class _Missing(Exception):
@@ -216,7 +284,27 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> LineDict:
     return result
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode, with the C
+# encoder made once (JSONEncoder.encode makes one per call: half the cost of a small body)
+_MARKERS: dict[int, Any] = {}  # what the encoder is inside of, to refuse a circular value (a YAML alias can make one)
+_C_CANONICAL = c_make_encoder(_MARKERS, _not_json, encode_basestring, None, ":", ",", True, False, True) if c_make_encoder else None
+_PY_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _CANONICAL(body: dict[str, Any]) -> str:
+    if _C_CANONICAL is None:
+        return _PY_CANONICAL(body)
+    try:
+        return "".join(_C_CANONICAL(body, 0))
+    except BaseException:
+        _MARKERS.clear()  # an error leaves the containers it was inside of marked
+        raise
+
+
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _PLAIN_SEGMENT = r"[\w\-{}]+(?:\.[\w\-{}]+)*"  # no empty, '.', '..', hidden or dot-ended segment, nothing _UNSAFE
 _PLAIN_PATH = re.compile(f"{_PLAIN_SEGMENT}(?:/{_PLAIN_SEGMENT})*")
@@ -310,11 +398,42 @@ def _fold(path: str) -> str:
     return path.lower() if path.isascii() else unicodedata.normalize("NFC", path).casefold()
 
 
-def _combos(matrix: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def _combos(matrix: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    """Every combination of a matrix's values, one at a time (a matrix is a product, not a list)."""
     if not matrix:
-        return [{}]
+        yield {}
+        return
     names = list(matrix)
-    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(matrix[n] for n in names))]
+    for values in itertools.product(*(matrix[n] for n in names)):
+        yield dict(zip(names, values, strict=True))
+
+
+@dataclass(slots=True)
+class _Taken:
+    """The ids, folded paths, folders and literal stems taken so far, as 64-bit hashes (~70 bytes a job, not
+    the keys and their specs). A hit is only a suspicion, settled exactly by making the jobs again (:meth:`_Expansion.settle`)."""
+
+    salt: str = ""
+    ids: set[int] = field(default_factory=set)
+    paths: set[int] = field(default_factory=set)
+    folders: set[int] = field(default_factory=set)
+    stems: set[int] = field(default_factory=set)
+
+    def key(self, text: str) -> int:
+        return hash(text + self.salt) if self.salt else hash(text)
+
+
+@dataclass(slots=True)
+class _Suspect:
+    """A job whose id or path hashed like an earlier one's: the problem's text waits for the earlier job."""
+
+    seq: int  # the candidate's rank in the expansion (the same in every pass)
+    kind: str  # twin, path, folder, stem (its {ext} may be the other's written extension), inside (a folder named like a file)
+    space: str  # what the earlier job is found by: id, path, folder or stem
+    key: str
+    spec: JobSpec
+    job: _Job
+    path_names: set[str]
 
 
 def _normal_field(name: str) -> str:
@@ -347,23 +466,35 @@ class _Job:
 class _Expansion:
     """One call of :func:`expand`: the problems and warnings found, the specs made, the paths taken."""
 
-    def __init__(self, manifest: Manifest, catalog: Catalog, strict: bool, path_template: str | None) -> None:
+    def __init__(
+        self, manifest: Manifest, catalog: Catalog, strict: bool, path_template: str | None, *, checking: bool = True, salt: str = ""
+    ) -> None:
         self.manifest, self.catalog, self.strict, self.path_template = manifest, catalog, strict, path_template
+        self.checking = checking  # False: a later pass over a checked plan, which only makes the jobs
         self.templates = _Templates()
-        self.problems: dict[tuple[str, int | None, str], Problem] = {}
+        self.problems: dict[tuple[str, int | None, str], Problem | None] = {}  # None: a suspect's place (see settle)
         self.warnings: dict[str, None] = {}
-        self.specs: list[JobSpec] = []
-        self.seen_ids: dict[str, JobSpec] = {}
-        self.seen_paths: dict[str, JobSpec] = {}  # folded path → the spec writing it
-        self.folders: dict[str, JobSpec] = {}  # folded folder → a spec writing inside it
-        self.literal_stems: dict[str, JobSpec] = {}  # folded path before a written extension → its spec
+        self.taken = _Taken(salt)
+        self.suspects: list[_Suspect] = []
+        self.count = 0  # jobs made (their index)
+        self.seq = 0  # candidates made, good or not
         self.models: dict[str, Model | None] = {}
         self.checked_fields: set[tuple[str, str]] = set()
-        self.top_combos: dict[tuple[bool, tuple[str, ...]], list[dict[str, Any]]] = {}
         self.base = Path(manifest.file).parent
         self.inspected: dict[str, tuple[tuple[int, int] | None, InputFile | InputError]] = {}
         self.inputs: dict[str, InputFile] = {}  # token → file, every local input of the plan
         self.input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value
+
+    def replay(self) -> _Expansion:
+        """A pass that makes the jobs again, unchecked, sharing this one's caches (compiled templates, models, inspected files)."""
+        again = _Expansion(self.manifest, self.catalog, self.strict, self.path_template, checking=False)
+        again.templates, again.models, again.inspected = self.templates, self.models, self.inspected
+        again.checked_fields = self.checked_fields
+        return again
+
+    def stream(self, prepared: list[_Job]) -> Iterator[JobSpec]:
+        for job in prepared:
+            yield from self.expand_job(job)
 
     def local_inputs(self, value: Any, file: str, line: int | None, where: str) -> Any:
         """``value`` with each ``file:PATH`` string replaced by the file's token (:func:`inputs.token`); a bad file is a problem."""
@@ -403,7 +534,7 @@ class _Expansion:
         return found
 
     def problem(self, file: str, line: int | None, message: str) -> None:
-        if len(self.problems) < MAX_PROBLEMS:
+        if self.checking and len(self.problems) < MAX_PROBLEMS:
             self.problems.setdefault((file, line, message), Problem(file, line, message))
 
     def warn(self, file: str, line: int | None, message: str) -> None:
@@ -500,21 +631,20 @@ class _Expansion:
             elif name != "prompt" and difflib.get_close_matches(name, ["prompt"], n=1, cutoff=0.8):
                 self.warn(job.job.file, line, f"{job.where}.input.{name}: did you mean 'prompt'? It will be sent as written")
 
-    def expand_job(self, job: _Job) -> None:
+    def expand_job(self, job: _Job) -> Iterator[JobSpec]:
+        """The job definition's jobs, one at a time (a checking pass yields only the good ones)."""
         manifest, templates, fields, file, where = self.manifest, self.templates, job.fields, job.job.file, job.where
         uses_rows, top_used = job.top
-        top_combos = self.top_combos.get(job.top)
-        if top_combos is None:
-            matrix = {name: manifest.matrix[name] for name in top_used}
-            top_combos = self.top_combos[job.top] = [
-                {**row, **combo} for row in (manifest.rows if uses_rows else [{}]) for combo in _combos(matrix)
-            ]
-        job_combos = _combos(job.job_matrix)
+        matrix = {name: manifest.matrix[name] for name in top_used}
         callback = fields.get("callback_url", manifest.callback_url)
         path_names = templates.names(job.path_tpl)
         named: set[str] = set()
-        for top in top_combos:
-            for jc in job_combos:
+        # a file: value can only come from a ':' in a field (the prompt aside) or in a var's value
+        maybe_files = ":" in repr(([v for k, v in fields.items() if k != "prompt"], manifest.vars, job.job_vars, job.job_matrix))
+        maybe_files = maybe_files or ":" in repr((matrix, manifest.rows if uses_rows else None))
+        rows = manifest.rows if uses_rows else [{}]
+        for top in ({**row, **combo} if row else combo for row in rows for combo in _combos(matrix)):
+            for jc in _combos(job.job_matrix):
                 if len(self.problems) >= MAX_PROBLEMS:
                     return
                 env = {**manifest.vars, **top, **jc, **job.job_vars}
@@ -534,7 +664,7 @@ class _Expansion:
                             stringified[key] = [value] if isinstance(value, str) and key != "options" else value
                     key = "callback_url"
                     cb = templates.render(callback, env) if callback else None
-                    if FILE_PREFIX in repr((inputs, stringified)):
+                    if maybe_files and FILE_PREFIX in repr((inputs, stringified)):
                         inputs = {
                             k: v if k == "prompt" else self.local_inputs(v, file, fields.line_of("input"), f"{where}.input.{k}")
                             for k, v in inputs.items()
@@ -567,7 +697,9 @@ class _Expansion:
                     return
                 price = manifest.credits.get(model_name, model.credits if model else None)
                 for variant in range(1, job.variants + 1):
-                    self.add(job, env, model_name, model, body, canon, variant, price, path_names)
+                    spec = self.add(job, env, model_name, model, body, canon, variant, price, path_names)
+                    if spec is not None:
+                        yield spec
 
     def check_prompt(self, job: _Job, inputs: dict[str, Any]) -> bool:
         """A prompt is text (a number becomes its text) of at most MAX_PROMPT_BYTES; False after a problem."""
@@ -601,10 +733,11 @@ class _Expansion:
         variant: int,
         price: float | None,
         path_names: set[str],
-    ) -> None:
-        file, where = job.job.file, job.where
+    ) -> JobSpec | None:
+        """The job, or None after a problem (a checking pass also refuses an id or a path already taken)."""
+        self.seq += 1
         jid = job_id(body, variant, canonical_body=text)
-        index = len(self.specs)
+        index = self.count
         try:
             rel = self.templates.render(
                 job.path_tpl, {**env, "model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT}
@@ -613,73 +746,120 @@ class _Expansion:
         except _Missing as missing:
             defined = ", ".join(sorted([*env, *SPECIAL_VARS]))
             self.problem(job.path_file, job.path_line, f"path uses {{{missing.name}}}, which is not defined (defined: {defined})")
-            return
+            return None
         except ValueError as exc:
             shown = job.path_tpl if len(job.path_tpl) <= 80 else job.path_tpl[:79] + "…"
             self.problem(job.path_file, job.path_line, f"path {shown!r} {exc}")
-            return
+            return None
         spec = JobSpec(jid, model_name, model.modality if model else "unknown", body, rel, variant, index, env, price, job.fields.line)
-        twin = self.seen_ids.get(jid)
-        if twin is not None:
-            self.problem(
-                file,
-                job.fields.line,
-                f"{where} sends the same request as the job on line {twin.line} (id {jid}) — it would be paid twice "
-                "for the same result; use 'variants:' for copies or make them differ",
-            )
-            return
+        if self.checking and not self.unique(spec, job, path_names):
+            return None
+        self.count += 1
+        return spec
+
+    def unique(self, spec: JobSpec, job: _Job, path_names: set[str]) -> bool:
+        """Take the job's id, path and folders; False (a suspect, see :meth:`settle`) when one is taken already."""
+        taken, rel = self.taken, spec.path
+        h = taken.key if taken.salt else hash
+        if h(spec.id) in taken.ids:
+            return self.suspect("twin", "id", spec.id, spec, job, path_names)
         key = _fold(rel)
-        other = self.seen_paths.get(key)
-        if other is not None:
-            case = "" if other.path == rel else f" (its path {other.path} differs only in letter case: one file on macOS and Windows)"
-            self.problem(
-                file,
-                job.fields.line,
-                f"{where} writes to {rel}, as does the job on line {other.line}{case}; {_differ(spec, other, path_names)}",
-            )
-            return
-        other = self.folders.get(key)
-        if other is not None:
-            self.problem(
-                file,
-                job.fields.line,
-                f"{where} writes a file at {rel}, where the job on line {other.line} needs a folder (it writes {other.path}) — "
-                "a name cannot be both; change one of the paths",
-            )
-            return
+        hkey = h(key)
+        if hkey in taken.paths:
+            return self.suspect("path", "path", key, spec, job, path_names)
+        if hkey in taken.folders:
+            return self.suspect("folder", "folder", key, spec, job, path_names)
         # x.{ext} becomes x.png for a PNG: it may meet a path written with its extension
         literal_stem = None
         if rel.endswith(_DOT_EXT):
-            if self.literal_stems:
-                other = self.literal_stems.get(key[: -len(_DOT_EXT)])
+            if taken.stems and h(key[: -len(_DOT_EXT)]) in taken.stems:
+                return self.suspect("stem", "stem", key[: -len(_DOT_EXT)], spec, job, path_names)
         elif rel.rfind(".") > rel.rfind("/"):
             literal_stem = _fold(rel[: rel.rfind(".")])
-            other = self.seen_paths.get(literal_stem + _DOT_EXT)
-        if other is not None:
-            self.problem(
-                file,
-                job.fields.line,
-                f"{where} writes to {rel}, and the job on line {other.line} writes {other.path}: they are one file whenever "
-                "the result has that extension — give them different names",
-            )
-            return
-        folders = [_fold(rel[:i]) for i in _slashes(rel)] if "/" in rel else []
+            if h(literal_stem + _DOT_EXT) in taken.paths:
+                return self.suspect("stem", "path", literal_stem + _DOT_EXT, spec, job, path_names)
+        folders = _folders(rel)
         for folder in folders:
-            other = self.seen_paths.get(folder)
-            if other is not None:
-                self.problem(
-                    file,
-                    job.fields.line,
-                    f"{where} writes {rel}, inside a folder named like the file the job on line {other.line} writes ({other.path}) — "
-                    "a name cannot be both; change one of the paths",
-                )
-                return
+            if h(folder) in taken.paths:
+                return self.suspect("inside", "path", folder, spec, job, path_names)
         for folder in folders:
-            self.folders.setdefault(folder, spec)
+            taken.folders.add(h(folder))
         if literal_stem is not None:
-            self.literal_stems.setdefault(literal_stem, spec)
-        self.seen_ids[jid] = self.seen_paths[key] = spec
-        self.specs.append(spec)
+            taken.stems.add(h(literal_stem))
+        taken.ids.add(h(spec.id))
+        taken.paths.add(hkey)
+        return True
+
+    def suspect(self, kind: str, space: str, key: str, spec: JobSpec, job: _Job, path_names: set[str]) -> bool:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems[("", self.seq, kind)] = None  # keeps the problem's place among the others
+            self.suspects.append(_Suspect(self.seq, kind, space, key, spec, job, path_names))
+        return False
+
+    def settle(self, prepared: list[_Job]) -> bool:
+        """Turn each suspect into its problem, naming the earlier job it met (found by making the jobs again).
+
+        False when a suspect meets no earlier job: two different keys had one hash (about one
+        chance in 10¹⁰ for a million jobs), and the expansion must be checked again with another salt.
+        """
+        wanted = {(s.space, s.key): s.seq for s in self.suspects}
+        last = max(s.seq for s in self.suspects)
+        found: dict[tuple[str, str], JobSpec] = {}
+        again = self.replay()
+        for spec in again.stream(prepared):
+            if again.seq >= last:
+                break
+            rel = spec.path
+            stem = _fold(rel[: rel.rfind(".")]) if not rel.endswith(_DOT_EXT) and rel.rfind(".") > rel.rfind("/") else ""
+            keys = [("id", spec.id), ("path", _fold(rel)), *(("folder", f) for f in _folders(rel)), ("stem", stem)]
+            for space_key in keys:
+                if space_key in wanted and space_key not in found and again.seq < wanted[space_key]:
+                    found[space_key] = spec
+        messages: dict[int, Problem] = {}
+        for s in self.suspects:
+            other = found.get((s.space, s.key))
+            if other is None:
+                return False
+            messages[s.seq] = Problem(s.job.job.file, s.job.fields.line, _clash(s, other))
+        problems: dict[tuple[str, int | None, str], Problem | None] = {}
+        for place, problem in self.problems.items():
+            if problem is None:
+                problem = messages[int(place[1] or 0)]
+                place = (problem.file, problem.line, problem.message)
+            problems.setdefault(place, problem)
+        self.problems = problems
+        return True
+
+
+def _folders(path: str) -> list[str]:
+    """The folded folders a path is inside of."""
+    return [_fold(path[:i]) for i in _slashes(path)] if "/" in path else []
+
+
+def _clash(s: _Suspect, other: JobSpec) -> str:
+    where, rel = s.job.where, s.spec.path
+    if s.kind == "twin":
+        return (
+            f"{where} sends the same request as the job on line {other.line} (id {s.spec.id}) — it would be paid twice "
+            "for the same result; use 'variants:' for copies or make them differ"
+        )
+    if s.kind == "path":
+        case = "" if other.path == rel else f" (its path {other.path} differs only in letter case: one file on macOS and Windows)"
+        return f"{where} writes to {rel}, as does the job on line {other.line}{case}; {_differ(s.spec, other, s.path_names)}"
+    if s.kind == "folder":
+        return (
+            f"{where} writes a file at {rel}, where the job on line {other.line} needs a folder (it writes {other.path}) — "
+            "a name cannot be both; change one of the paths"
+        )
+    if s.kind == "stem":
+        return (
+            f"{where} writes to {rel}, and the job on line {other.line} writes {other.path}: they are one file whenever "
+            "the result has that extension — give them different names"
+        )
+    return (
+        f"{where} writes {rel}, inside a folder named like the file the job on line {other.line} writes ({other.path}) — "
+        "a name cannot be both; change one of the paths"
+    )
 
 
 _NOTHING = object()
@@ -712,28 +892,48 @@ def _differ(spec: JobSpec, other: JobSpec, path_names: set[str]) -> str:
 
 
 def expand(
-    manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_template: str | None = None, max_jobs: int | None = None
+    manifest: Manifest,
+    catalog: Catalog,
+    *,
+    strict: bool = False,
+    path_template: str | None = None,
+    max_jobs: int | None = None,
+    keep_specs: int = KEEP_SPECS,
 ) -> Plan:
     """Every job of the manifest, validated against the catalog. Raises :class:`ManifestError` with every problem.
 
     ``max_jobs`` (default: the manifest's ``max_jobs``, else :data:`DEFAULT_MAX_JOBS`) bounds the
     number of jobs; it is checked before any job is built. Warnings travel with the error too.
+    Up to ``keep_specs`` jobs the plan holds them in a list; past that, ``plan.specs`` makes them
+    again at each pass (:class:`Specs`) and memory stays flat in the campaign's size.
     """
-    expansion = _Expansion(manifest, catalog, strict, path_template)
-    prepared = expansion.prepare()
-    limit = max_jobs or manifest.max_jobs or DEFAULT_MAX_JOBS
-    total = sum(job.count for job in prepared)
-    if total > limit:
-        line = manifest.line_of("max_jobs") or manifest.line_of("matrix") or manifest.line_of("jobs")
-        expansion.problem(
-            manifest.file,
-            line,
-            f"the manifest makes {total:,} jobs, more than the limit of {limit:,} — raise it with 'max_jobs:' in the manifest, "
-            "or split the campaign",
-        )
-    else:
-        for job in prepared:
-            expansion.expand_job(job)
+    salt = ""
+    while True:
+        expansion = _Expansion(manifest, catalog, strict, path_template, salt=salt)
+        prepared = expansion.prepare()
+        limit = max_jobs or manifest.max_jobs or DEFAULT_MAX_JOBS
+        total = sum(job.count for job in prepared)
+        kept: list[JobSpec] | None = []
+        summary = Summary()
+        if total > limit:
+            line = manifest.line_of("max_jobs") or manifest.line_of("matrix") or manifest.line_of("jobs")
+            expansion.problem(
+                manifest.file,
+                line,
+                f"the manifest makes {total:,} jobs, more than the limit of {limit:,} — raise it with 'max_jobs:' in the manifest, "
+                "or split the campaign",
+            )
+        else:
+            for spec in expansion.stream(prepared):
+                summary.add(spec)
+                if kept is not None:
+                    kept = kept if len(kept) < keep_specs else None
+                    if kept is not None:
+                        kept.append(spec)
+        if not expansion.suspects or expansion.settle(prepared):
+            break
+        salt = f"\0{len(salt) + 1}"  # a false alarm: check again with other hashes
     if expansion.problems:
-        raise ManifestError(list(expansion.problems.values()), list(expansion.warnings))
-    return Plan(manifest, expansion.specs, list(expansion.warnings), expansion.inputs, expansion.input_at)
+        raise ManifestError([p for p in expansion.problems.values() if p is not None], list(expansion.warnings))
+    specs: Sequence[JobSpec] = kept if kept is not None else Specs(expansion, prepared, expansion.count, summary)
+    return Plan(manifest, specs, list(expansion.warnings), expansion.inputs, expansion.input_at)
