@@ -349,6 +349,30 @@ class Store:
             conn.execute("DROP TABLE incoming")
         return SyncResult(new=new, known={str(k): v for k, v in known.items() if v}, dropped=dropped)
 
+    def is_empty(self) -> bool:
+        """No job in the state yet: a new campaign."""
+        with self._sql() as conn:
+            return conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchone() is None
+
+    def add_new(self, specs: Iterable[JobSpec]) -> list[Job]:
+        """Insert jobs new to the state (a new campaign's, a page at a time), in one commit; they come back pending.
+
+        Unlike :meth:`sync` nothing is matched: the caller knows the state holds none of them
+        (:meth:`is_empty`, then each page once).
+        """
+        self.flush()
+        now = self.clock()
+        jobs, rows = [], []
+        for s in specs:
+            jobs.append(Job(s.id, s.model, s.modality, s.body, s.path, s.vars, S.PENDING, None, s.credits, None, None, s.variant))
+            rows.append((s.id, s.index, s.model, s.modality, _spec_json(s), s.credits, now, now))
+        with self._sql() as conn, conn:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO jobs (id, idx, model, modality, spec, credits, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)", rows
+            )
+        return jobs
+
     def _move(self, job_id: str, spec: str, state: str, old_final: str | None) -> None:
         """A known job's spec changed (its path template, or vars): follow it, moving a finished file instead of paying again."""
         new_final = None
