@@ -662,6 +662,17 @@ class Store:
         with self._sql() as conn:
             yield from conn.execute(sql + " ORDER BY idx", params)
 
+    def rows_digest(self) -> str:
+        """A digest of every row :meth:`rows` yields: equal digests, equal reports (the reports skip a rewrite then)."""
+        digest = hashlib.blake2b(digest_size=16)
+        with self._sql() as conn:
+            cur = conn.cursor()
+            cur.row_factory = None  # plain tuples: their repr is their content
+            cur.execute("SELECT * FROM jobs WHERE in_manifest = 1 ORDER BY idx")
+            while rows := cur.fetchmany(1000):
+                digest.update(repr(rows).encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
+
     # -- rebuilding -------------------------------------------------------------------------
     def _adopt(self, salvaged: _Salvage, finished: list[FinishedJob]) -> tuple[int, int, int, int, list[Rejected]]:
         """Write what a rebuild found: rows read back from a damaged file, then every job a verified sidecar proves done.
