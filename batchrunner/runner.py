@@ -59,10 +59,10 @@ from .errors import (
     UnknownTask,
     Unreachable,
 )
-from .expand import JobSpec, Plan
+from .expand import JobSpec, Plan, paused_gc
 from .inputs import TOKEN_PREFIX, Inputs, LoopbackStorage, resolve, tokens
 from .storage import SIDECAR, Storage, complete, open_storage
-from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
+from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, SYNCED_META, Job, JobState, Store
 
 FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
 DEFAULT_EXPECTED_S = {"image": 10.0, "video": 90.0, "audio": 20.0, "unknown": 30.0}
@@ -704,10 +704,16 @@ async def _campaign(
             store.claim(plan.manifest.name, force=config.force)
             store.set_meta("group_var", plan.group_var or "")
         store.claim_backend(config.backend, force=config.force)
+        synced = f"{plan.fingerprint}:{len(plan.specs)}" if plan is not None and plan.fingerprint else None
         if plan is not None and not plan.inputs and store.is_empty():
-            feed = Feed(store, plan.specs)  # a new campaign: its first page in the state now, the rest as the run reaches it
+            feed = Feed(store, plan.specs, synced)  # a new campaign: its first page in the state now, the rest as the run reaches it
+        elif plan is not None and synced is not None and store.meta(SYNCED_META) == synced:
+            resuming = True  # the state holds exactly this plan's jobs: nothing to sync (a resume of a big campaign starts at once)
         elif plan is not None:
-            resuming = bool(store.sync(plan.specs).known)
+            with paused_gc():
+                resuming = bool(store.sync(plan.specs).known)
+            if synced is not None:
+                store.set_meta(SYNCED_META, synced)
         config = _storage_settings(config, store, rerun=plan is None)
     except StateError:
         store.close()
@@ -800,15 +806,22 @@ class Feed:
     Campaigns up to a page (every test's) are wholly in the state before the run starts.
     """
 
-    def __init__(self, store: Store, specs: Iterable[JobSpec], first: int = FEED_FIRST, page: int = FEED_PAGE) -> None:
-        self.store, self.page = store, page
+    def __init__(
+        self, store: Store, specs: Iterable[JobSpec], synced: str | None = None, first: int = FEED_FIRST, page: int = FEED_PAGE
+    ) -> None:
+        self.store, self.page, self.synced = store, page, synced
+        self.sized = isinstance(specs, Sized)
         self.left = len(specs) if isinstance(specs, Sized) else 0
         self._specs = iter(specs)
         self._next = self._fill(first)
 
     def _fill(self, n: int) -> list[Job]:
-        jobs = self.store.add_new(itertools.islice(self._specs, n))
+        with paused_gc():
+            jobs = self.store.add_new(itertools.islice(self._specs, n))
         self.left = max(0, self.left - len(jobs))
+        if self.synced is not None and (not jobs or (self.sized and not self.left)):
+            self.store.set_meta(SYNCED_META, self.synced)  # the whole plan is in the state
+            self.synced = None
         return jobs
 
     def __iter__(self) -> Iterator[Job]:

@@ -146,6 +146,11 @@ class Job:
     variant: int | None = None
 
 
+# The plan (its fingerprint and job count, see expand.Plan.fingerprint) whose jobs the state holds exactly:
+# a run of that plan again skips sync. Set by the runner after a sync or a whole Feed; a rebuild drops it.
+SYNCED_META = "synced_plan"
+
+
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     """What ``sync`` found: jobs new to the store, and jobs already known by state."""
@@ -687,6 +692,7 @@ class Store:
         with self._sql() as conn, conn:
             conn.execute("BEGIN")
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", salvaged.meta.items())
+            conn.execute("DELETE FROM meta WHERE key = ?", (SYNCED_META,))  # the rebuilt jobs may not be the synced plan's
             columns = [r[1] for r in conn.execute("PRAGMA table_info(jobs)")]
             kept = kept_submitted = 0
             for row in salvaged.jobs:

@@ -78,3 +78,56 @@ def test_ten_million_jobs_are_refused_before_expanding(tmp_path: Path) -> None:
         expand(load(path), CATALOG)
     (problem,) = caught.value.problems
     assert "makes 10,000,000 jobs, more than the limit of 2,000,000 — raise it with 'max_jobs:' in the manifest" in str(problem)
+
+
+def test_a_new_campaign_goes_into_the_state_a_page_at_a_time(tmp_path: Path) -> None:
+    """The runner's feed: a page in the state before the first job is worked on, the rest as the run reaches it."""
+    from batchrunner.runner import Feed
+    from batchrunner.store import SYNCED_META, Store
+
+    _, plan = plans(tmp_path, MANIFEST)
+    with Store.open(tmp_path / "out") as store:
+        assert store.is_empty()
+        feed = Feed(store, plan.specs, "stamp", first=4, page=3)
+        assert sum(store.counts().values()) == 4 and feed.left == len(plan.specs) - 4
+        jobs = iter(feed)
+        taken = [next(jobs) for _ in range(5)]  # past the first page: the second is in the state
+        assert sum(store.counts().values()) == 7 and store.meta(SYNCED_META) is None
+        taken += list(jobs)
+        assert [j.id for j in taken] == [s.id for s in plan.specs] and all(j.state == "pending" for j in taken)
+        assert feed.left == 0 and store.meta(SYNCED_META) == "stamp"  # the whole plan is in the state
+        assert store.sync(plan.specs).known == {"pending": len(plan.specs)}  # exactly what sync would have put there
+        assert [j.id for j in store.work()] == [s.id for s in plan.specs]
+
+
+def test_a_rerun_of_an_unchanged_plan_skips_sync_and_a_changed_one_does_not(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from batchrunner.store import SYNCED_META, Store
+
+    manifest, out = tmp_path / "m.yaml", tmp_path / "out"
+    manifest.write_text("name: small\nmatrix: {a: [1, 2, 3]}\njobs:\n  - {model: flux-2, prompt: 'x {a}', path: '{a}.{ext}'}\n")
+
+    def run() -> dict[str, object]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPRISE_", "BATCHRUNNER_"))}
+        argv = [sys.executable, "-m", "batchrunner.cli", "run", str(manifest), "--out", str(out), "--sandbox", "--quiet"]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads((out / "report.json").read_text()))
+
+    first = run()
+    with Store.open(out) as store:
+        stamp = store.meta(SYNCED_META)
+    assert stamp is not None and stamp.endswith(":3") and first["summary"]["counts"] == {"done": 3}  # type: ignore[index]
+    csv_before = (out / "report.csv").stat().st_mtime_ns
+    again = run()  # nothing changed: no sync, no job touched, only report.json's summary line rewritten
+    assert again["jobs"] == first["jobs"] and (out / "report.csv").stat().st_mtime_ns == csv_before
+    assert list(again) == ["jobs", "summary"] and again["summary"]["counts"] == {"done": 3}  # type: ignore[index]
+    manifest.write_text("name: small\nmatrix: {a: [1, 2, 3, 4]}\njobs:\n  - {model: flux-2, prompt: 'x {a}', path: '{a}.{ext}'}\n")
+    changed = run()  # a changed manifest is synced: its new job runs
+    assert changed["summary"]["counts"] == {"done": 4} and (out / "4.png").exists()  # type: ignore[index]
+    with Store.open(out) as store:
+        assert store.meta(SYNCED_META) not in (None, stamp)
