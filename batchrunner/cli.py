@@ -47,7 +47,7 @@ def _warn(plan: Plan, quiet: bool) -> None:
 
 
 def _load(args: argparse.Namespace) -> Plan:
-    return _api.load_plan(args.manifest, catalog=args.catalog, strict=args.strict)
+    return _api.load_plan(args.manifest, catalog=args.catalog, strict=args.strict, out=getattr(args, "out", None))
 
 
 def _settings(args: argparse.Namespace, retry: bool) -> dict[str, Any]:

@@ -107,6 +107,13 @@ class Summary:
     credits: float | None = 0.0
     callbacks: bool = False  # some job's body carries a callBackUrl
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"models": self.models, "modalities": dict(self.modalities), "credits": self.credits, "callbacks": self.callbacks}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Summary:
+        return cls(dict(data["models"]), Counter(data["modalities"]), data["credits"], bool(data["callbacks"]))
+
     def add(self, spec: JobSpec) -> None:
         row = self.models.get(spec.model)
         if row is None:
@@ -159,8 +166,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     inputs: dict[str, InputFile] = field(default_factory=dict)  # token → local file, for every file: value
     input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value (what a run without storage cites)
-    # what the jobs are made from (manifest, catalog, options, local inputs' contents): equal fingerprints,
-    # equal jobs — a run finding its state synced with this plan skips sync (None: unknown, always synced)
+    # what the jobs are made from (manifest, catalog, options): equal fingerprints, equal jobs. None when
+    # the manifest sends local files (their contents are known only by expanding): such a plan is always checked
     fingerprint: str | None = None
 
     @property
@@ -197,6 +204,11 @@ class Plan:
                 return None
             total += spec.credits
         return total
+
+    def record(self) -> str:
+        """What a state holding exactly this plan's jobs keeps of it, so that the next run of it skips the check (see ``expand``)."""
+        data = {"fingerprint": self.fingerprint, "jobs": len(self.specs), "summary": self.summary().as_dict(), "warnings": self.warnings}
+        return json.dumps(data, ensure_ascii=False)
 
     def sends_callbacks(self) -> bool:
         """Whether some job's body carries a ``callBackUrl``."""
@@ -945,6 +957,28 @@ def _differ(spec: JobSpec, other: JobSpec, path_names: set[str]) -> str:
     return "nothing in their vars differs — add {job_id} to 'path', or give each job its own 'path:'"
 
 
+def _fingerprint(manifest: Manifest, catalog: Catalog, strict: bool, path_template: str | None) -> str | None:
+    """What the jobs are made from, hashed (see :attr:`Plan.fingerprint`)."""
+    made_of = repr((EXPANSION_VERSION, manifest, sorted(catalog.models.items()), strict, path_template))
+    if FILE_PREFIX in made_of:
+        return None
+    return hashlib.sha256(made_of.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _trusted(checked: str | None, fingerprint: str | None) -> tuple[int, dict[str, Any], list[str]] | None:
+    """(jobs, summary, warnings) of a state's record of this very plan; None for any other plan, or a record it cannot read."""
+    if checked is None or fingerprint is None:
+        return None
+    try:
+        data = json.loads(checked)
+        if data["fingerprint"] != fingerprint:
+            return None
+        Summary.from_dict(data["summary"])
+        return int(data["jobs"]), dict(data["summary"]), [str(w) for w in data["warnings"]]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def expand(
     manifest: Manifest,
     catalog: Catalog,
@@ -953,14 +987,20 @@ def expand(
     path_template: str | None = None,
     max_jobs: int | None = None,
     keep_specs: int = KEEP_SPECS,
+    checked: str | None = None,
 ) -> Plan:
     """Every job of the manifest, validated against the catalog. Raises :class:`ManifestError` with every problem.
 
     ``max_jobs`` (default: the manifest's ``max_jobs``, else :data:`DEFAULT_MAX_JOBS`) bounds the
     number of jobs; it is checked before any job is built. Warnings travel with the error too.
-    Up to ``keep_specs`` jobs the plan holds them in a list; past that, ``plan.specs`` makes them
+    ``checked`` is the :meth:`Plan.record` an output folder's state keeps of the plan it holds
+    (``store.SYNCED_META``): when it is this very plan (same fingerprint, same number of jobs), the
+    jobs were checked when they went into the state, and are not checked again — a resume of a
+    million jobs starts in seconds. Up to ``keep_specs`` jobs the plan holds them in a list; past that, ``plan.specs`` makes them
     again at each pass (:class:`Specs`) and memory stays flat in the campaign's size.
     """
+    fingerprint = _fingerprint(manifest, catalog, strict, path_template)
+    trusted = _trusted(checked, fingerprint)
     salt = ""
     while True:
         expansion = _Expansion(manifest, catalog, strict, path_template, salt=salt)
@@ -977,6 +1017,9 @@ def expand(
                 f"the manifest makes {total:,} jobs, more than the limit of {limit:,} — raise it with 'max_jobs:' in the manifest, "
                 "or split the campaign",
             )
+        elif trusted is not None and trusted[0] == total and not expansion.problems:
+            summary = Summary.from_dict(trusted[1])  # this very plan is in the state, checked: its jobs are made as needed
+            expansion.count, expansion.warnings, kept = total, dict.fromkeys(trusted[2]), None
         else:
             with paused_gc():
                 specs_made = expansion.stream(prepared)
@@ -992,6 +1035,4 @@ def expand(
     if expansion.problems:
         raise ManifestError([p for p in expansion.problems.values() if p is not None], list(expansion.warnings))
     specs: Sequence[JobSpec] = kept if kept is not None else Specs(expansion, prepared, expansion.count, summary)
-    made_of = (EXPANSION_VERSION, manifest, sorted(catalog.models.items()), strict, path_template, sorted(expansion.inputs))
-    fingerprint = hashlib.sha256(repr(made_of).encode("utf-8", "surrogatepass")).hexdigest()
     return Plan(manifest, specs, list(expansion.warnings), expansion.inputs, expansion.input_at, fingerprint)

@@ -704,10 +704,10 @@ async def _campaign(
             store.claim(plan.manifest.name, force=config.force)
             store.set_meta("group_var", plan.group_var or "")
         store.claim_backend(config.backend, force=config.force)
-        synced = f"{plan.fingerprint}:{len(plan.specs)}" if plan is not None and plan.fingerprint else None
+        synced = plan.record() if plan is not None and plan.fingerprint else None
         if plan is not None and not plan.inputs and store.is_empty():
             feed = Feed(store, plan.specs, synced)  # a new campaign: its first page in the state now, the rest as the run reaches it
-        elif plan is not None and synced is not None and store.meta(SYNCED_META) == synced:
+        elif plan is not None and synced is not None and _holds(store.meta(SYNCED_META), plan):
             resuming = True  # the state holds exactly this plan's jobs: nothing to sync (a resume of a big campaign starts at once)
         elif plan is not None:
             with paused_gc():
@@ -795,6 +795,15 @@ async def _campaign(
 # A new campaign's jobs go into the state FEED_FIRST before the run starts, then FEED_PAGE at a
 # time as the run reaches them (a page holds the event loop for ~2 ms per 100 jobs: expanded, inserted)
 FEED_FIRST, FEED_PAGE = 10_000, 1_000
+
+
+def _holds(record: str | None, plan: Plan) -> bool:
+    """Whether a state's record (store.SYNCED_META) is of this very plan: its jobs are exactly the plan's."""
+    try:
+        data = json.loads(record or "")
+        return bool(data["fingerprint"] == plan.fingerprint and data["jobs"] == len(plan.specs))
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 class Feed:

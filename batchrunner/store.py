@@ -146,8 +146,9 @@ class Job:
     variant: int | None = None
 
 
-# The plan (its fingerprint and job count, see expand.Plan.fingerprint) whose jobs the state holds exactly:
-# a run of that plan again skips sync. Set by the runner after a sync or a whole Feed; a rebuild drops it.
+# The plan whose jobs the state holds exactly (expand.Plan.record: its fingerprint, job count, counts and
+# warnings): a run of that plan again skips its check and sync. Set by the runner after a sync or a
+# whole Feed; a rebuild drops it.
 SYNCED_META = "synced_plan"
 
 
@@ -998,6 +999,25 @@ def _connect(out_dir: Path, db: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def peek_meta(out_dir: Path, key: str) -> str | None:
+    """One meta value of ``out_dir``'s state, read-only and best effort: None when there is no state or it cannot be read
+    (whatever is wrong with it, the run or ``plan`` that opens it says so)."""
+    db = out_dir / STATE_DIR / STATE_FILE
+    if not _size(db):
+        return None
+    try:
+        conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def _connect_reader(out_dir: Path, db: Path) -> sqlite3.Connection:

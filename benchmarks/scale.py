@@ -154,13 +154,16 @@ def main() -> None:
                 f"stopped in {b['stop_s'] or 0:.2f} s (goal <= 2)"
             )
             r = child(*common, "--manifest", big, "--out", out_big, "--run-seconds", "5" if args.run_seconds else "0")
-            print(f"resume: first request {r['first_request_s']:.2f} s (goal <= 5), peak RSS {r['rss_mb']:.0f} MB")
+            began = f"none, nothing was left (whole re-run {r['wall_s']:.2f} s)"
+            began = began if r["first_request_s"] is None else f"{r['first_request_s']:.2f} s (goal <= 5)"
+            print(f"resume: first request {began}, peak RSS {r['rss_mb']:.0f} MB")
     figures = {
         "jobs": jobs, "plan_s": round(plan_s, 2), "plan_rss_mb": round(plan_rss), "refuse_s": round(refuse_s, 2),
         "refuse_rss_mb": round(refuse_rss), "small_jobs_per_s": round(s["jobs_per_s"]), "noop_s": round(noop["wall_s"], 2),
         "noop_rewrote_reports": rewritten, "first_request_s": round(b["first_request_s"], 2), "big_done": b["done"],
         "big_jobs_per_s": round(b["jobs_per_s"]), "ratio": round(ratio, 3), "run_rss_mb": round(b["rss_mb"]),
-        "stop_s": None if b["stop_s"] is None else round(b["stop_s"], 2), "resume_first_request_s": round(r["first_request_s"], 2),
+        "stop_s": None if b["stop_s"] is None else round(b["stop_s"], 2),
+        "resume_first_request_s": None if r["first_request_s"] is None else round(r["first_request_s"], 2),
         "resume_rss_mb": round(r["rss_mb"]),
     }  # fmt: skip
     print(json.dumps(figures))

@@ -106,6 +106,7 @@ def test_a_rerun_of_an_unchanged_plan_skips_sync_and_a_changed_one_does_not(tmp_
     import subprocess
     import sys
 
+    from batchrunner._api import load_plan
     from batchrunner.store import SYNCED_META, Store
 
     manifest, out = tmp_path / "m.yaml", tmp_path / "out"
@@ -121,7 +122,10 @@ def test_a_rerun_of_an_unchanged_plan_skips_sync_and_a_changed_one_does_not(tmp_
     first = run()
     with Store.open(out) as store:
         stamp = store.meta(SYNCED_META)
-    assert stamp is not None and stamp.endswith(":3") and first["summary"]["counts"] == {"done": 3}  # type: ignore[index]
+    assert stamp is not None and json.loads(stamp)["jobs"] == 3 and first["summary"]["counts"] == {"done": 3}  # type: ignore[index]
+    trusted, checked = load_plan(manifest, out=out), load_plan(manifest)  # the state holds this very plan: not checked again
+    assert isinstance(trusted.specs, Specs) and list(trusted.specs) == checked.specs and trusted.fingerprint == checked.fingerprint
+    assert trusted.by_model() == checked.by_model() and trusted.warnings == checked.warnings
     csv_before = (out / "report.csv").stat().st_mtime_ns
     again = run()  # nothing changed: no sync, no job touched, only report.json's summary line rewritten
     assert again["jobs"] == first["jobs"] and (out / "report.csv").stat().st_mtime_ns == csv_before
@@ -131,3 +135,5 @@ def test_a_rerun_of_an_unchanged_plan_skips_sync_and_a_changed_one_does_not(tmp_
     assert changed["summary"]["counts"] == {"done": 4} and (out / "4.png").exists()  # type: ignore[index]
     with Store.open(out) as store:
         assert store.meta(SYNCED_META) not in (None, stamp)
+    manifest.write_text(manifest.read_text().replace("x {a}", "y {a}"))
+    assert isinstance(load_plan(manifest, out=out).specs, list)  # another plan than the state's: checked
