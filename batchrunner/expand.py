@@ -239,11 +239,33 @@ class _Missing(Exception):
 Compiled = str | tuple[tuple[str, str | None], ...]
 
 
+class _Over(dict[str, Any]):
+    """The special vars of a path (job_id, ext…) over a job's vars, without copying the vars."""
+
+    __slots__ = ("env",)
+    env: dict[str, Any]
+
+    def __missing__(self, name: str) -> Any:
+        try:
+            return self.env[name]
+        except KeyError:
+            raise _Missing(name) from None
+
+
 class _Templates:
     """Compiled templates by source string; a broken template becomes a problem once."""
 
     def __init__(self) -> None:
         self.cache: dict[str, Compiled | ValueError] = {}
+        self.formats: dict[str, str] = {}  # a compiled template as a str.format string: rendered by C, not a Python loop
+
+    def format_string(self, text: str, compiled: tuple[tuple[str, str | None], ...]) -> str:
+        fmt = self.formats.get(text)
+        if fmt is None:
+            fmt = self.formats[text] = "".join(
+                literal.replace("{", "{{").replace("}", "}}") + ("" if name is None else "{" + name + "}") for literal, name in compiled
+            )
+        return fmt
 
     def compile(self, text: str) -> Compiled:
         hit = self.cache.get(text)
@@ -293,17 +315,9 @@ class _Templates:
             if name not in env:
                 raise _Missing(name)
             return env[name]
-        out = []
-        for literal, field_name in compiled:
-            out.append(literal)
-            if field_name is not None:
-                if field_name in over:
-                    out.append(str(over[field_name]))
-                elif field_name in env:
-                    out.append(str(env[field_name]))
-                else:
-                    raise _Missing(field_name)
-        return "".join(out)
+        layered = _Over(over)
+        layered.env = env
+        return self.format_string(text, compiled).format_map(layered)
 
     def render(self, value: Any, env: dict[str, Any]) -> Any:
         if isinstance(value, str):
@@ -315,14 +329,10 @@ class _Templates:
                 if name not in env:
                     raise _Missing(name)
                 return env[name]  # a lone {name} keeps the var's type
-            out = []
-            for literal, field_name in compiled:
-                out.append(literal)
-                if field_name is not None:
-                    if field_name not in env:
-                        raise _Missing(field_name)
-                    out.append(str(env[field_name]))
-            return "".join(out)
+            try:  # format(v, "") is str(v) for every value a manifest holds (text, numbers, true/false, null, lists, dates)
+                return self.format_string(value, compiled).format_map(env)
+            except KeyError as missing:
+                raise _Missing(str(missing.args[0])) from None
         if isinstance(value, dict):
             return {k: self.render(v, env) for k, v in value.items()}
         if isinstance(value, list):

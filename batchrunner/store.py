@@ -1005,11 +1005,11 @@ def peek_meta(out_dir: Path, key: str) -> str | None:
     """One meta value of ``out_dir``'s state, read-only and best effort: None when there is no state or it cannot be read
     (whatever is wrong with it, the run or ``plan`` that opens it says so)."""
     db = out_dir / STATE_DIR / STATE_FILE
-    if not _size(db):
-        return None
     try:
+        if not db.is_file() or not _size(db):
+            return None
         conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
-    except sqlite3.Error:
+    except (OSError, ValueError, sqlite3.Error):
         return None
     try:
         row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

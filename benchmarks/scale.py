@@ -58,7 +58,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
             counter[0] += 1
 
     async def main() -> Any:
-        plan = _api.load_plan(args.manifest)
+        plan = _api.load_plan(args.manifest, out=args.out)
         config = RunConfig(out_dir=Path(args.out), concurrency=64, expected_s=dict.fromkeys(("image", "video", "audio", "unknown"), 0.0))
         async with anyio.create_task_group() as tg:
 
