@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from .catalog import model_fields
 from .download import create_new, write_error
-from .errors import ReportError, redact
+from .errors import ReportError, StateError, redact
 from .store import Store
 
 CSV_COLUMNS = (
@@ -145,10 +145,11 @@ def write_reports(
         return summary  # a stop is prompt; the reports of a big campaign take seconds
     try:
         digest = store.rows_digest()
-        if not links and store.meta(REPORTS_META) == digest and _patch_summary(out / "report.json", summary):
-            return summary  # no job changed (a no-op re-run): only report.json's summary is rewritten
+        if outcome is not None and not links and store.meta(REPORTS_META) == digest and _patch_summary(out / "report.json", summary):
+            return summary  # a run that changed no job (a no-op re-run): only report.json's summary is rewritten
         _write(store, summary, links or {}, links_expire_at)
-        store.set_meta(REPORTS_META, digest)
+        with contextlib.suppress(StateError):  # a store opened read-only (`batchrunner report` beside a review): not remembered
+            store.set_meta(REPORTS_META, digest)
     except OSError as exc:  # a full or read-only output folder
         out = store.out_dir
         raise ReportError(
