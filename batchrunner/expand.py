@@ -143,10 +143,14 @@ class Specs(Sequence[JobSpec]):
     def __iter__(self) -> Iterator[JobSpec]:
         return self._expansion.replay().stream(self._prepared)
 
+    def tail(self, start: int) -> Iterator[JobSpec]:
+        """The jobs from the ``start``-th on, the ones before skipped unmade (a resumed feed: see runner.Feed)."""
+        return self._expansion.replay().stream(self._prepared, start)
+
     def __getitem__(self, at: Any) -> Any:
         if isinstance(at, slice):
             start, stop, step = at.indices(self._count)
-            return list(itertools.islice(iter(self), start, stop, step)) if step > 0 else list(self)[at]
+            return list(itertools.islice(self.tail(start), 0, stop - start, step)) if step > 0 else list(self)[at]
         index = at + self._count if at < 0 else at
         if not 0 <= index < self._count:
             raise IndexError(at)
@@ -560,9 +564,15 @@ class _Expansion:
         again.checked_fields = self.checked_fields
         return again
 
-    def stream(self, prepared: list[_Job]) -> Iterator[JobSpec]:
+    def stream(self, prepared: list[_Job], start: int = 0) -> Iterator[JobSpec]:
+        """The jobs, from the ``start``-th on (only a pass over a checked plan may start past 0: every candidate is a job)."""
         for job in prepared:
-            yield from self.expand_job(job)
+            if start >= job.count:
+                start -= job.count
+                self.count += job.count
+                continue
+            yield from self.expand_job(job, start)
+            start = 0
 
     def local_inputs(self, value: Any, file: str, line: int | None, where: str) -> Any:
         """``value`` with each ``file:PATH`` string replaced by the file's token (:func:`inputs.token`); a bad file is a problem."""
@@ -699,8 +709,8 @@ class _Expansion:
             elif name != "prompt" and difflib.get_close_matches(name, ["prompt"], n=1, cutoff=0.8):
                 self.warn(job.job.file, line, f"{job.where}.input.{name}: did you mean 'prompt'? It will be sent as written")
 
-    def expand_job(self, job: _Job) -> Iterator[JobSpec]:
-        """The job definition's jobs, one at a time (a checking pass yields only the good ones)."""
+    def expand_job(self, job: _Job, skip: int = 0) -> Iterator[JobSpec]:
+        """The job definition's jobs, one at a time (a checking pass yields only the good ones), past the first ``skip``."""
         manifest, templates, fields, file, where = self.manifest, self.templates, job.fields, job.job.file, job.where
         uses_rows, top_used = job.top
         matrix = {name: manifest.matrix[name] for name in top_used}
@@ -716,66 +726,72 @@ class _Expansion:
         stringified_keys = [key for key in STRINGIFIED if key in fields]
         prices: dict[str, float | None] = {}
         base_vars, job_vars = manifest.vars, job.job_vars
-        for top in ({**row, **combo} if row else combo for row in rows for combo in _combos(matrix)):
-            for jc in _combos(job.job_matrix):
-                if len(self.problems) >= MAX_PROBLEMS:
-                    return
-                env = {**base_vars, **top, **jc, **job_vars} if base_vars or job_vars or jc else top
-                key = "model"
-                try:
-                    model_name = str(templates.render(model_tpl, env))
-                    model = self.model(model_name, job)
-                    key = "input"
-                    inputs = templates.render(input_tpl, env) if input_tpl else {}
-                    if has_prompt:
-                        key = "prompt"
-                        inputs["prompt"] = templates.render(prompt_tpl, env)
-                    stringified = {}
-                    for key in stringified_keys:
-                        value = templates.render(fields[key], env)
-                        stringified[key] = [value] if isinstance(value, str) and key != "options" else value
-                    key = "callback_url"
-                    cb = templates.render(callback, env) if callback else None
-                    if maybe_files and FILE_PREFIX in repr((inputs, stringified)):
-                        inputs = {
-                            k: v if k == "prompt" else self.local_inputs(v, file, fields.line_of("input"), f"{where}.input.{k}")
-                            for k, v in inputs.items()
-                        }
-                        stringified = {k: self.local_inputs(v, file, fields.line_of(k), f"{where}.{k}") for k, v in stringified.items()}
-                except _Missing as missing:
-                    defined = ", ".join(sorted(env)) or "none"
-                    self.problem(
-                        file, fields.line_of(key), f"{where}.{key} uses {{{missing.name}}}, which is not defined (defined: {defined})"
-                    )
-                    continue
-                except ValueError as exc:
-                    self.problem(file, fields.line_of(key), f"{where}.{key}: {exc}")
-                    continue
-                prompt = inputs.get("prompt")
-                if not (type(prompt) is str and len(prompt) <= MAX_PROMPT_BYTES // 4) and not self.check_prompt(job, inputs):
-                    return  # the same problem would repeat for every combination
-                if model_name not in named:  # a job's field names are the same in every combination
-                    named.add(model_name)
-                    self.check_field_names(job, model, model_name, inputs)
-                if model is not None and (model.required or model.enums):
-                    for text in check_fields(model, inputs):
-                        self.problem(file, fields.line_of("input") if "input" in fields else fields.line, f"{where}: {text}")
-                body = build_body(model_name, bool(model and model.root_only), inputs, stringified, cb)
-                canon = canonical(body)
-                if len(canon) > MAX_BODY_BYTES // 4 and _utf8_len(canon) > MAX_BODY_BYTES:
-                    size = _utf8_len(canon)
-                    self.problem(
-                        file, fields.line, f"{where}: the request would be {size:,} bytes; at most {MAX_BODY_BYTES:,} — shorten its fields"
-                    )
-                    return
-                if model_name in prices:
-                    price = prices[model_name]
-                else:
-                    price = prices[model_name] = manifest.credits.get(model_name, model.credits if model else None)
-                for variant in range(1, job.variants + 1):
-                    spec = self.add(job, env, model_name, model, body, canon, variant, price, path_names)
-                    if spec is not None:
-                        yield spec
+        pairs: Iterator[tuple[dict[str, Any], dict[str, Any]]] = (
+            ({**row, **combo} if row else combo, jc) for row in rows for combo in _combos(matrix) for jc in _combos(job.job_matrix)
+        )
+        first_variant = 1
+        if skip:  # combinations are skipped unmade (each makes `variants` jobs); the index follows
+            pairs = itertools.islice(pairs, skip // job.variants, None)
+            first_variant += skip % job.variants
+            self.count += skip
+        for top, jc in pairs:
+            if len(self.problems) >= MAX_PROBLEMS:
+                return
+            env = {**base_vars, **top, **jc, **job_vars} if base_vars or job_vars or jc else top
+            key = "model"
+            try:
+                model_name = str(templates.render(model_tpl, env))
+                model = self.model(model_name, job)
+                key = "input"
+                inputs = templates.render(input_tpl, env) if input_tpl else {}
+                if has_prompt:
+                    key = "prompt"
+                    inputs["prompt"] = templates.render(prompt_tpl, env)
+                stringified = {}
+                for key in stringified_keys:
+                    value = templates.render(fields[key], env)
+                    stringified[key] = [value] if isinstance(value, str) and key != "options" else value
+                key = "callback_url"
+                cb = templates.render(callback, env) if callback else None
+                if maybe_files and FILE_PREFIX in repr((inputs, stringified)):
+                    inputs = {
+                        k: v if k == "prompt" else self.local_inputs(v, file, fields.line_of("input"), f"{where}.input.{k}")
+                        for k, v in inputs.items()
+                    }
+                    stringified = {k: self.local_inputs(v, file, fields.line_of(k), f"{where}.{k}") for k, v in stringified.items()}
+            except _Missing as missing:
+                defined = ", ".join(sorted(env)) or "none"
+                self.problem(file, fields.line_of(key), f"{where}.{key} uses {{{missing.name}}}, which is not defined (defined: {defined})")
+                continue
+            except ValueError as exc:
+                self.problem(file, fields.line_of(key), f"{where}.{key}: {exc}")
+                continue
+            prompt = inputs.get("prompt")
+            if not (type(prompt) is str and len(prompt) <= MAX_PROMPT_BYTES // 4) and not self.check_prompt(job, inputs):
+                return  # the same problem would repeat for every combination
+            if model_name not in named:  # a job's field names are the same in every combination
+                named.add(model_name)
+                self.check_field_names(job, model, model_name, inputs)
+            if model is not None and (model.required or model.enums):
+                for text in check_fields(model, inputs):
+                    self.problem(file, fields.line_of("input") if "input" in fields else fields.line, f"{where}: {text}")
+            body = build_body(model_name, bool(model and model.root_only), inputs, stringified, cb)
+            canon = canonical(body)
+            if len(canon) > MAX_BODY_BYTES // 4 and _utf8_len(canon) > MAX_BODY_BYTES:
+                size = _utf8_len(canon)
+                self.problem(
+                    file, fields.line, f"{where}: the request would be {size:,} bytes; at most {MAX_BODY_BYTES:,} — shorten its fields"
+                )
+                return
+            if model_name in prices:
+                price = prices[model_name]
+            else:
+                price = prices[model_name] = manifest.credits.get(model_name, model.credits if model else None)
+            for variant in range(first_variant, job.variants + 1):
+                spec = self.add(job, env, model_name, model, body, canon, variant, price, path_names)
+                if spec is not None:
+                    yield spec
+            first_variant = 1
 
     def check_prompt(self, job: _Job, inputs: dict[str, Any]) -> bool:
         """A prompt is text (a number becomes its text) of at most MAX_PROMPT_BYTES; False after a problem."""

@@ -59,7 +59,7 @@ from .errors import (
     UnknownTask,
     Unreachable,
 )
-from .expand import JobSpec, Plan, paused_gc
+from .expand import JobSpec, Plan, Specs, paused_gc
 from .inputs import TOKEN_PREFIX, Inputs, LoopbackStorage, resolve, tokens
 from .storage import SIDECAR, Storage, complete, open_storage
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, SYNCED_META, Job, JobState, Store
@@ -92,6 +92,8 @@ class RunConfig:
     unreachable_s: float = 30.0  # how long the API may stay unreachable mid-run before the run stops
     max_unrecognised: int = 10  # answers that are neither documented state before the job fails
     stop_grace_s: float = 5.0  # how long a stop waits for generate requests in flight to be answered
+    feed_first: int = 10_000  # a new campaign's jobs put in the state before its first request (see Feed)…
+    feed_page: int = 1_000  # …and then this many at a time, as the run reaches them
     tick_s: float = 1.0  # how often the ``tick`` event reports what the run is waiting for
     storage_url: str | None = None  # s3://bucket/prefix (gs://, az://): inputs uploaded there, results kept there too
     storage_endpoint: str | None = None  # an S3-compatible service's URL (default: $AWS_ENDPOINT_URL)
@@ -706,14 +708,21 @@ async def _campaign(
         store.claim_backend(config.backend, force=config.force)
         synced = plan.record() if plan is not None and plan.fingerprint else None
         if plan is not None and not plan.inputs and store.is_empty():
-            feed = Feed(store, plan.specs, synced)  # a new campaign: its first page in the state now, the rest as the run reaches it
+            # a new campaign: its first page in the state now, the rest as the run reaches it
+            feed = Feed(store, plan.specs, config.feed_first, config.feed_page)
+            store.set_meta(SYNCED_META, synced or "")
         elif plan is not None and synced is not None and _holds(store.meta(SYNCED_META), plan):
-            resuming = True  # the state holds exactly this plan's jobs: nothing to sync (a resume of a big campaign starts at once)
+            # the state holds this very plan's jobs, or the first of them (a new campaign's feed, stopped): no sync,
+            # and the rest go in as the run reaches them — a resume of a big campaign starts at once
+            resuming, held = True, sum(store.counts().values())
+            if held < len(plan.specs):
+                rest = plan.specs.tail(held) if isinstance(plan.specs, Specs) else plan.specs[held:]
+                feed = Feed(store, rest, 0, config.feed_page)
+                feed.left = len(plan.specs) - held
         elif plan is not None:
             with paused_gc():
                 resuming = bool(store.sync(plan.specs).known)
-            if synced is not None:
-                store.set_meta(SYNCED_META, synced)
+            store.set_meta(SYNCED_META, synced or "")  # a plan without a fingerprint leaves no record: the next run syncs
         config = _storage_settings(config, store, rerun=plan is None)
     except StateError:
         store.close()
@@ -761,7 +770,7 @@ async def _campaign(
                 if interrupt.requests:
                     runner.interrupted = True
             if not runner.interrupted:
-                await runner.run(store.work() if feed is None else feed)
+                await runner.run(store.work() if feed is None else itertools.chain(store.work() if resuming else (), feed))
             if results is not None and not config.keep_local:
                 links, links_expire_at = await _links(store, results), time.time() + LINK_LIFETIME_S
         counts = store.counts()
@@ -792,11 +801,6 @@ async def _campaign(
     return RunResult(outcome, counts, summary, error, start=start, tally=tally(start, counts, summary["ambiguous_resubmitted"]))
 
 
-# A new campaign's jobs go into the state FEED_FIRST before the run starts, then FEED_PAGE at a
-# time as the run reaches them (a page holds the event loop for ~2 ms per 100 jobs: expanded, inserted)
-FEED_FIRST, FEED_PAGE = 10_000, 1_000
-
-
 def _holds(record: str | None, plan: Plan) -> bool:
     """Whether a state's record (store.SYNCED_META) is of this very plan: its jobs are exactly the plan's."""
     try:
@@ -811,33 +815,31 @@ class Feed:
 
     The first page is in the state before the first request, so a run of a million jobs starts
     as soon as its plan is checked, not after a million inserts; memory holds one page. A run
-    stopped early leaves the rest out of the state: the next run's ``sync`` adds them.
-    Campaigns up to a page (every test's) are wholly in the state before the run starts.
+    stopped early leaves the rest out of the state: the next run of the same plan feeds them on
+    (the state's record, ``store.SYNCED_META``, says whose jobs these are); another plan syncs.
+    Campaigns up to ``RunConfig.feed_first`` jobs are wholly in the state before the run starts. A page
+    holds the event loop for a few milliseconds per 100 jobs (made from the manifest, inserted).
     """
 
-    def __init__(
-        self, store: Store, specs: Iterable[JobSpec], synced: str | None = None, first: int = FEED_FIRST, page: int = FEED_PAGE
-    ) -> None:
-        self.store, self.page, self.synced = store, page, synced
-        self.sized = isinstance(specs, Sized)
+    def __init__(self, store: Store, specs: Iterable[JobSpec], first: int, page: int) -> None:
+        self.store, self.page = store, page
         self.left = len(specs) if isinstance(specs, Sized) else 0
         self._specs = iter(specs)
         self._next = self._fill(first)
 
     def _fill(self, n: int) -> list[Job]:
         with paused_gc():
-            jobs = self.store.add_new(itertools.islice(self._specs, n))
+            jobs = self.store.add_new(itertools.islice(self._specs, n)) if n else []
         self.left = max(0, self.left - len(jobs))
-        if self.synced is not None and (not jobs or (self.sized and not self.left)):
-            self.store.set_meta(SYNCED_META, self.synced)  # the whole plan is in the state
-            self.synced = None
         return jobs
 
     def __iter__(self) -> Iterator[Job]:
-        while self._next:
-            jobs, self._next = self._next, []
+        jobs, self._next = self._next, []
+        while True:
             yield from jobs
-            self._next = self._fill(self.page)
+            jobs = self._fill(self.page)
+            if not jobs:
+                return
 
 
 STORAGE_META = "storage"  # the storage a run used, so `retry DIR` (no manifest) keeps its results where they are

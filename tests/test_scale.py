@@ -83,19 +83,19 @@ def test_ten_million_jobs_are_refused_before_expanding(tmp_path: Path) -> None:
 def test_a_new_campaign_goes_into_the_state_a_page_at_a_time(tmp_path: Path) -> None:
     """The runner's feed: a page in the state before the first job is worked on, the rest as the run reaches it."""
     from batchrunner.runner import Feed
-    from batchrunner.store import SYNCED_META, Store
+    from batchrunner.store import Store
 
     _, plan = plans(tmp_path, MANIFEST)
     with Store.open(tmp_path / "out") as store:
         assert store.is_empty()
-        feed = Feed(store, plan.specs, "stamp", first=4, page=3)
+        feed = Feed(store, plan.specs, 4, 3)
         assert sum(store.counts().values()) == 4 and feed.left == len(plan.specs) - 4
         jobs = iter(feed)
         taken = [next(jobs) for _ in range(5)]  # past the first page: the second is in the state
-        assert sum(store.counts().values()) == 7 and store.meta(SYNCED_META) is None
+        assert sum(store.counts().values()) == 7
         taken += list(jobs)
         assert [j.id for j in taken] == [s.id for s in plan.specs] and all(j.state == "pending" for j in taken)
-        assert feed.left == 0 and store.meta(SYNCED_META) == "stamp"  # the whole plan is in the state
+        assert feed.left == 0
         assert store.sync(plan.specs).known == {"pending": len(plan.specs)}  # exactly what sync would have put there
         assert [j.id for j in store.work()] == [s.id for s in plan.specs]
 
@@ -137,3 +137,37 @@ def test_a_rerun_of_an_unchanged_plan_skips_sync_and_a_changed_one_does_not(tmp_
         assert store.meta(SYNCED_META) not in (None, stamp)
     manifest.write_text(manifest.read_text().replace("x {a}", "y {a}"))
     assert isinstance(load_plan(manifest, out=out).specs, list)  # another plan than the state's: checked
+
+
+async def test_a_new_campaign_stopped_mid_feed_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """Stopped while most of its jobs are not yet in the state, the same plan runs on from there: no check, no sync, none twice."""
+    from batchrunner.runner import Interrupt, RunConfig, run_campaign
+    from batchrunner.sandbox import SandboxConfig, serve
+    from batchrunner.store import Store
+
+    kept, plan = plans(tmp_path, MANIFEST)
+    out, key = tmp_path / "out", "sk-scale-test"
+    fast = dict.fromkeys(("image", "video", "audio", "unknown"), 0.01)
+    config = RunConfig(out_dir=out, concurrency=2, expected_s=fast, feed_first=5, feed_page=4, poll_cap_s=0.05)
+    interrupt, done = Interrupt(), []
+
+    def on_event(kind: str, job: object, detail: str) -> None:
+        if kind == "done":
+            done.append(job)
+            if len(done) == 7:
+                interrupt.request()
+
+    async with serve(SandboxConfig(api_key=key, time_scale=0.001)) as (sb, url):
+        first = await run_campaign(plan, config, api_key=key, base_url=url, on_event=on_event, interrupt=interrupt)
+        assert first.outcome == "interrupted" and sum(first.counts.values()) == len(kept.specs)
+        with Store.open(out) as store:
+            held = [row["id"] for row in store.rows()]
+        assert 7 <= len(held) < len(kept.specs) and held == [s.id for s in kept.specs[: len(held)]]  # a prefix, in order
+        from batchrunner._api import load_plan
+
+        assert isinstance(load_plan(tmp_path / "m.yaml", out=out).specs, Specs)  # the state's record: not checked again
+        second = await run_campaign(plan, config, api_key=key, base_url=url)
+        assert second.outcome == "complete" and second.counts == {"done": len(kept.specs)}
+        assert sb.stats.tasks_created == len(kept.specs)  # none paid twice
+        with Store.open(out) as store:
+            assert [row["id"] for row in store.rows()] == [s.id for s in kept.specs]
