@@ -508,6 +508,17 @@ class _Suspect:
     path_names: set[str]
 
 
+def _has_colon(value: Any) -> bool:
+    """Whether some text among ``value``'s values (not its keys) holds a ':' (a file: value needs one)."""
+    if isinstance(value, str):
+        return ":" in value
+    if isinstance(value, dict):
+        return any(_has_colon(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_colon(v) for v in value)
+    return False
+
+
 def _normal_field(name: str) -> str:
     return re.sub(r"[^0-9a-z]", "", name.lower())
 
@@ -717,15 +728,15 @@ class _Expansion:
         callback = fields.get("callback_url", manifest.callback_url)
         path_names = templates.names(job.path_tpl)
         named: set[str] = set()
+        base_vars, job_vars = manifest.vars, job.job_vars
         # a file: value can only come from a ':' in a field (the prompt aside) or in a var's value
-        maybe_files = ":" in repr(([v for k, v in fields.items() if k != "prompt"], manifest.vars, job.job_vars, job.job_matrix))
-        maybe_files = maybe_files or ":" in repr((matrix, manifest.rows if uses_rows else None))
+        sources = ([v for k, v in fields.items() if k != "prompt"], manifest.vars, job_vars, job.job_matrix, matrix)
+        maybe_files = _has_colon(sources) or (uses_rows and _has_colon(manifest.rows))
         rows = manifest.rows if uses_rows else [{}]
         model_tpl, input_tpl, prompt_tpl = fields["model"], fields.get("input") or {}, fields.get("prompt")
         has_prompt = "prompt" in fields
         stringified_keys = [key for key in STRINGIFIED if key in fields]
         prices: dict[str, float | None] = {}
-        base_vars, job_vars = manifest.vars, job.job_vars
         pairs: Iterator[tuple[dict[str, Any], dict[str, Any]]] = (
             ({**row, **combo} if row else combo, jc) for row in rows for combo in _combos(matrix) for jc in _combos(job.job_matrix)
         )
