@@ -1071,5 +1071,6 @@ def expand(
         salt = f"\0{len(salt) + 1}"  # a false alarm: check again with other hashes
     if expansion.problems:
         raise ManifestError([p for p in expansion.problems.values() if p is not None], list(expansion.warnings))
+    expansion.taken, expansion.suspects = _Taken(), []  # a later pass does not check: the hashes' memory goes back now
     specs: Sequence[JobSpec] = kept if kept is not None else Specs(expansion, prepared, expansion.count, summary)
     return Plan(manifest, specs, list(expansion.warnings), expansion.inputs, expansion.input_at, fingerprint)

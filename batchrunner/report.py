@@ -142,7 +142,7 @@ def write_reports(
     out = store.out_dir
     if outcome == "interrupted" and sum(summary["counts"].values()) > INTERRUPTED_REPORT_MAX:
         summary["reports"] = "not rewritten (interrupted): `batchrunner report DIR` or the next run writes them"
-        return summary  # a stop is prompt; the reports of a big campaign take seconds
+        return summary
     try:
         digest = store.rows_digest()
         if outcome is not None and not links and store.meta(REPORTS_META) == digest and _patch_summary(out / "report.json", summary):
@@ -183,7 +183,9 @@ def _write(store: Store, summary: dict[str, Any], links: Mapping[str, str], link
 # line (REPORTS_META holds the digest of the rows the reports were last written from)
 _SUMMARY = '"summary": '
 REPORTS_META = "reports"
-INTERRUPTED_REPORT_MAX = 20_000  # an interrupted run of more jobs leaves the reports to `batchrunner report` or the next run
+# An interrupted run of more jobs leaves the reports to `batchrunner report` or the next run: a stop is
+# prompt (5,000 rows take about a second on a small machine; a million, minutes)
+INTERRUPTED_REPORT_MAX = 5_000
 
 
 def _patch_summary(path: Path, summary: dict[str, Any]) -> bool:
