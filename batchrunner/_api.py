@@ -42,7 +42,7 @@ from .expand import Plan, expand
 from .manifest import load
 from .report import requests
 from .runner import EventHandler, Interrupt, RunConfig, RunResult, run_campaign, scale_expected
-from .store import Store
+from .store import SYNCED_META, Store, peek_meta
 
 if TYPE_CHECKING:
     from .sandbox import SandboxConfig
@@ -165,14 +165,23 @@ def resolve_config(
 
 # -- before a run -----------------------------------------------------------------------------
 def load_plan(
-    manifest: str | Path, *, catalog: str | Path | Catalog | None = None, strict: bool = False, env: Mapping[str, str] | None = None
+    manifest: str | Path,
+    *,
+    catalog: str | Path | Catalog | None = None,
+    strict: bool = False,
+    env: Mapping[str, str] | None = None,
+    out: str | Path | None = None,
 ) -> Plan:
     """Read a YAML or CSV manifest and expand it into every job, checked against the catalog. Sends nothing.
 
     Raises :class:`ManifestError` listing every problem (each with file and line). An
-    unknown model is a warning in ``plan.warnings`` (an error with ``strict``).
+    unknown model is a warning in ``plan.warnings`` (an error with ``strict``). ``out`` (default:
+    the manifest's ``output``) is where the plan will run: when its state already holds this very
+    plan, checked, the jobs are not checked again (a resume of a million jobs starts in seconds).
     """
-    return expand(load(manifest), resolve_catalog(catalog, env=env), strict=strict)
+    loaded = load(manifest)
+    checked = peek_meta(Path(out) if out is not None else loaded.output, SYNCED_META)
+    return expand(loaded, resolve_catalog(catalog, env=env), strict=strict, checked=checked)
 
 
 def preview(

@@ -154,7 +154,7 @@ def resolve(manifest: Manifest | None, *, listen: str | None = None, url: str | 
 
 def check_plan(plan: Plan, settings: CallbackSettings) -> None:
     """Refuse a plan whose jobs already carry a ``callback_url``: the API takes one callBackUrl per job."""
-    if any("callBackUrl" in spec.body for spec in plan.specs):
+    if plan.sends_callbacks():
         m = plan.manifest
         raise ManifestError(
             [

@@ -47,7 +47,7 @@ def _warn(plan: Plan, quiet: bool) -> None:
 
 
 def _load(args: argparse.Namespace) -> Plan:
-    return _api.load_plan(args.manifest, catalog=args.catalog, strict=args.strict)
+    return _api.load_plan(args.manifest, catalog=args.catalog, strict=args.strict, out=getattr(args, "out", None))
 
 
 def _settings(args: argparse.Namespace, retry: bool) -> dict[str, Any]:
@@ -303,6 +303,8 @@ def _summary(result: RunResult, out: Path) -> str:
         line += f", {t.left} not run yet"
     if t.possibly_paid_twice:
         line += f", {t.possibly_paid_twice} possibly paid twice (submits whose answer was lost were sent again; see report.json)"
+    if "reports" in result.summary:  # an interrupted big campaign: the reports were left for later
+        return f"{line}; reports {result.summary['reports']}".replace("DIR", shlex.quote(str(out)))
     return f"{line} → {out / 'report.html'}"
 
 

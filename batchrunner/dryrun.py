@@ -97,6 +97,15 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
     out = config.out_dir
     snap = _usable(plan, config, jobs=True)
     stored = snap.jobs if snap is not None else {}
+    if plan is not None and not stored:  # a new campaign: every job is to submit, counted while it was expanded
+        summary = plan.summary()
+        fresh = Preview(
+            out_dir=out, jobs=len(plan.specs), done=0, in_flight=0, to_submit=len(plan.specs), stays_failed=0, files_gone=0,
+            ambiguous=0, credits_to_submit=summary.credits, spent=snap.spent if snap is not None else 0.0,
+            ambiguous_before=snap.ambiguous if snap is not None else 0, resuming=False,
+        )  # fmt: skip
+        _check_budget(plan, config.max_credits, fresh, {m for m, row in summary.models.items() if row["credits"] is None})
+        return fresh
     jobs: list[tuple[str, str | None, float | None, str]]
     if plan is not None:
         jobs = [(s.id, s.path, s.credits, s.model) for s in plan.specs]

@@ -25,7 +25,9 @@ id, a replaced photo makes new jobs, and bodies without ``file:`` keep the ids t
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import hashlib
 import itertools
 import json
@@ -34,7 +36,9 @@ import re
 import string
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +58,13 @@ SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext", "step")  # step: t
 # large, is a mistake, and each is stored with the job's state and sent on every retry.
 MAX_PROMPT_BYTES = 100_000
 MAX_BODY_BYTES = 2**20
-DEFAULT_MAX_JOBS = 200_000  # raised with max_jobs: (or expand(max_jobs=)); expansion is held in memory
+# A plan holds its jobs in memory up to KEEP_SPECS; past that they are made again from the
+# manifest at each pass (Specs), and what stays in memory is ~70 bytes a job: the hashes that
+# check ids and paths are unique. DEFAULT_MAX_JOBS bounds that (~150 MB), checked before
+# expanding; raised with max_jobs: (or expand(max_jobs=)).
+DEFAULT_MAX_JOBS = 2_000_000
+KEEP_SPECS = 50_000
+EXPANSION_VERSION = 1  # part of Plan.fingerprint: raise it when the same manifest would expand to other jobs
 MAX_PROBLEMS = 200
 # Names batchrunner writes in an output folder, which no result may take: the state folder
 # .batchrunner/ and temp files (.<name>.tmp) are hidden names, refused as a class; the reports
@@ -92,15 +102,81 @@ class JobSpec:
 
 
 @dataclass(slots=True)
+class Summary:
+    """What ``plan`` counts, gathered while the jobs are checked (so a streamed plan is not expanded again for it)."""
+
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modalities: Counter[str] = field(default_factory=Counter)
+    credits: float | None = 0.0
+    callbacks: bool = False  # some job's body carries a callBackUrl
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"models": self.models, "modalities": dict(self.modalities), "credits": self.credits, "callbacks": self.callbacks}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Summary:
+        return cls(dict(data["models"]), Counter(data["modalities"]), data["credits"], bool(data["callbacks"]))
+
+    def add(self, spec: JobSpec) -> None:
+        row = self.models.get(spec.model)
+        if row is None:
+            row = self.models[spec.model] = {"jobs": 0, "modality": spec.modality, "credits_each": spec.credits, "credits": 0.0}
+        row["jobs"] += 1
+        row["credits"] = None if spec.credits is None or row["credits"] is None else row["credits"] + spec.credits
+        self.modalities[spec.modality] += 1
+        self.credits = None if spec.credits is None or self.credits is None else self.credits + spec.credits
+        if not self.callbacks and "callBackUrl" in spec.body:
+            self.callbacks = True
+
+
+class Specs(Sequence[JobSpec]):
+    """A plan's jobs when there are more than :data:`KEEP_SPECS`: made again from the manifest at each pass.
+
+    The expansion already checked every job (``expand`` refused a bad manifest), so a pass
+    only renders: the jobs come out identical and in the same order, with the same ids.
+    ``len`` is known; indexing and slicing walk from the start (meant for ``specs[:10]``).
+    """
+
+    def __init__(self, expansion: _Expansion, prepared: list[_Job], count: int, summary: Summary) -> None:
+        self._expansion, self._prepared, self._count, self.summary = expansion, prepared, count, summary
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[JobSpec]:
+        return self._expansion.replay().stream(self._prepared)
+
+    def tail(self, start: int) -> Iterator[JobSpec]:
+        """The jobs from the ``start``-th on, the ones before skipped unmade (a resumed feed: see runner.Feed)."""
+        return self._expansion.replay().stream(self._prepared, start)
+
+    def __getitem__(self, at: Any) -> Any:
+        if isinstance(at, slice):
+            start, stop, step = at.indices(self._count)
+            return list(itertools.islice(self.tail(start), 0, stop - start, step)) if step > 0 else list(self)[at]
+        index = at + self._count if at < 0 else at
+        if not 0 <= index < self._count:
+            raise IndexError(at)
+        return next(itertools.islice(iter(self), index, None))
+
+
+@dataclass(slots=True)
 class Plan:
-    """The expanded manifest: specs in manifest order, warnings, and counts for ``plan``."""
+    """The expanded manifest: specs in manifest order, warnings, and counts for ``plan``.
+
+    ``specs`` is a list up to :data:`KEEP_SPECS` jobs, else a :class:`Specs` stream (each
+    iteration expands again, in bounded memory); the counts come from the expansion then.
+    """
 
     manifest: Manifest
-    specs: list[JobSpec]
+    specs: Sequence[JobSpec]
     warnings: list[str] = field(default_factory=list)
     inputs: dict[str, InputFile] = field(default_factory=dict)  # token → local file, for every file: value
     input_at: tuple[str, int | None] | None = None  # (file, line) of the first file: value (what a run without storage cites)
     reference_at: tuple[str, int | None] | None = None  # (file, line) of the first {ID.url} reference (pipelines need storage too)
+    # what the jobs are made from (manifest, catalog, options): equal fingerprints, equal jobs. None when
+    # the manifest sends local files (their contents are known only by expanding): such a plan is always checked
+    fingerprint: str | None = None
 
     @property
     def group_var(self) -> str | None:
@@ -112,25 +188,55 @@ class Plan:
                 return str(next(iter(job.fields["matrix"])))
         return None
 
-    def by_model(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
+    def summary(self) -> Summary:
+        if isinstance(self.specs, Specs):
+            return self.specs.summary
+        summary = Summary()
         for spec in self.specs:
-            row = out.setdefault(spec.model, {"jobs": 0, "modality": spec.modality, "credits_each": spec.credits, "credits": 0.0})
-            row["jobs"] += 1
-            row["credits"] = None if spec.credits is None or row["credits"] is None else row["credits"] + spec.credits
-        return out
+            summary.add(spec)
+        return summary
+
+    def by_model(self) -> dict[str, dict[str, Any]]:
+        return {model: dict(row) for model, row in self.summary().models.items()}
 
     def by_modality(self) -> dict[str, int]:
-        return dict(Counter(spec.modality for spec in self.specs))
+        return dict(self.summary().modalities)
 
-    def credits(self, specs: list[JobSpec] | None = None) -> float | None:
+    def credits(self, specs: Sequence[JobSpec] | None = None) -> float | None:
         """Total credits of ``specs`` (default all); None when any price is unknown."""
+        if specs is None:
+            return self.summary().credits
         total = 0.0
-        for spec in self.specs if specs is None else specs:
+        for spec in specs:
             if spec.credits is None:
                 return None
             total += spec.credits
         return total
+
+    def record(self) -> str:
+        """What a state holding exactly this plan's jobs keeps of it, so that the next run of it skips the check (see ``expand``)."""
+        data = {"fingerprint": self.fingerprint, "jobs": len(self.specs), "summary": self.summary().as_dict(), "warnings": self.warnings}
+        return json.dumps(data, ensure_ascii=False)
+
+    def sends_callbacks(self) -> bool:
+        """Whether some job's body carries a ``callBackUrl``."""
+        return self.summary().callbacks
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off while jobs are made: many short-lived objects, no cycles.
+
+    CPython runs a collection every 700 new containers; while expanding that cost a third of
+    the time. Reference counting still frees every job as soon as it is dropped.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Missing(Exception):
@@ -141,11 +247,51 @@ class _Missing(Exception):
 Compiled = str | tuple[tuple[str, str | None], ...]
 
 
+class _Over(dict[str, Any]):
+    """The special vars of a path (job_id, ext…) over a job's vars, without copying the vars."""
+
+    __slots__ = ("env",)
+    env: dict[str, Any]
+
+    def __missing__(self, name: str) -> Any:
+        try:
+            return self.env[name]
+        except KeyError:
+            raise _Missing(name) from None
+
+
 class _Templates:
     """Compiled templates by source string; a broken template becomes a problem once."""
 
     def __init__(self) -> None:
         self.cache: dict[str, Compiled | ValueError] = {}
+        self.formats: dict[str, str] = {}  # a compiled template as a str.format string: rendered by C, not a Python loop
+
+    def format_string(self, text: str, compiled: tuple[tuple[str, str | None], ...]) -> str | None:
+        """The template as a str.format string; None when a name has a dot (a reference: format would read an attribute)."""
+        fmt = self.formats.get(text)
+        if fmt is None:
+            fmt = self.formats[text] = (
+                ""
+                if any(name and "." in name for _, name in compiled)
+                else "".join(
+                    literal.replace("{", "{{").replace("}", "}}") + ("" if name is None else "{" + name + "}") for literal, name in compiled
+                )
+            )
+        return fmt or None
+
+    @staticmethod
+    def joined(compiled: tuple[tuple[str, str | None], ...], env: Any) -> str:
+        """The template rendered name by name (what ``format_map`` does, for names it cannot parse)."""
+        out = []
+        for literal, name in compiled:
+            out.append(literal)
+            if name is not None:
+                try:
+                    out.append(format(env[name], ""))
+                except KeyError:
+                    raise _Missing(name) from None
+        return "".join(out)
 
     def compile(self, text: str) -> Compiled:
         hit = self.cache.get(text)
@@ -183,6 +329,23 @@ class _Templates:
             return set().union(*(self.names(v) for v in value))
         return set()
 
+    def render_over(self, text: str, env: dict[str, Any], over: dict[str, Any]) -> Any:
+        """``render(text, {**env, **over})`` for a template string, without making that dict (once per job: its path)."""
+        compiled = self.compile(text)
+        if isinstance(compiled, str):
+            return compiled
+        if len(compiled) == 1 and not compiled[0][0] and compiled[0][1]:
+            name = compiled[0][1]
+            if name in over:
+                return over[name]
+            if name not in env:
+                raise _Missing(name)
+            return env[name]
+        layered = _Over(over)
+        layered.env = env
+        fmt = self.format_string(text, compiled)
+        return fmt.format_map(layered) if fmt is not None else self.joined(compiled, layered)
+
     def render(self, value: Any, env: dict[str, Any]) -> Any:
         if isinstance(value, str):
             compiled = self.compile(value)
@@ -193,14 +356,13 @@ class _Templates:
                 if name not in env:
                     raise _Missing(name)
                 return env[name]  # a lone {name} keeps the var's type
-            out = []
-            for literal, field_name in compiled:
-                out.append(literal)
-                if field_name is not None:
-                    if field_name not in env:
-                        raise _Missing(field_name)
-                    out.append(str(env[field_name]))
-            return "".join(out)
+            fmt = self.format_string(value, compiled)
+            if fmt is None:
+                return self.joined(compiled, env)
+            try:  # format(v, "") is str(v) for every value a manifest holds (text, numbers, true/false, null, lists, dates)
+                return fmt.format_map(env)
+            except KeyError as missing:
+                raise _Missing(str(missing.args[0])) from None
         if isinstance(value, dict):
             return {k: self.render(v, env) for k, v in value.items()}
         if isinstance(value, list):
@@ -220,7 +382,27 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> LineDict:
     return result
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode, with the C
+# encoder made once (JSONEncoder.encode makes one per call: half the cost of a small body)
+_MARKERS: dict[int, Any] = {}  # what the encoder is inside of, to refuse a circular value (a YAML alias can make one)
+_C_CANONICAL = c_make_encoder(_MARKERS, _not_json, encode_basestring, None, ":", ",", True, False, True) if c_make_encoder else None
+_PY_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _CANONICAL(body: dict[str, Any]) -> str:
+    if _C_CANONICAL is None:
+        return _PY_CANONICAL(body)
+    try:
+        return "".join(_C_CANONICAL(body, 0))
+    except BaseException:
+        _MARKERS.clear()  # an error leaves the containers it was inside of marked
+        raise
+
+
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _PLAIN_SEGMENT = r"[\w\-{}]+(?:\.[\w\-{}]+)*"  # no empty, '.', '..', hidden or dot-ended segment, nothing _UNSAFE
 _PLAIN_PATH = re.compile(f"{_PLAIN_SEGMENT}(?:/{_PLAIN_SEGMENT})*")
@@ -314,11 +496,53 @@ def _fold(path: str) -> str:
     return path.lower() if path.isascii() else unicodedata.normalize("NFC", path).casefold()
 
 
-def _combos(matrix: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def _combos(matrix: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    """Every combination of a matrix's values, one at a time (a matrix is a product, not a list)."""
     if not matrix:
-        return [{}]
+        yield {}
+        return
     names = list(matrix)
-    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(matrix[n] for n in names))]
+    for values in itertools.product(*(matrix[n] for n in names)):
+        yield dict(zip(names, values, strict=True))
+
+
+@dataclass(slots=True)
+class _Taken:
+    """The ids, folded paths, folders and literal stems taken so far, as 64-bit hashes (~70 bytes a job, not
+    the keys and their specs). A hit is only a suspicion, settled exactly by making the jobs again (:meth:`_Expansion.settle`)."""
+
+    salt: str = ""
+    ids: set[int] = field(default_factory=set)
+    paths: set[int] = field(default_factory=set)
+    folders: set[int] = field(default_factory=set)
+    stems: set[int] = field(default_factory=set)
+
+    def key(self, text: str) -> int:
+        return hash(text + self.salt) if self.salt else hash(text)
+
+
+@dataclass(slots=True)
+class _Suspect:
+    """A job whose id or path hashed like an earlier one's: the problem's text waits for the earlier job."""
+
+    seq: int  # the candidate's rank in the expansion (the same in every pass)
+    kind: str  # twin, path, folder, stem (its {ext} may be the other's written extension), inside (a folder named like a file)
+    space: str  # what the earlier job is found by: id, path, folder or stem
+    key: str
+    spec: JobSpec
+    job: _Job
+    path_names: set[str]
+
+
+def _has_colon(value: Any) -> bool:
+    """Whether some text among ``value``'s values (not its keys) holds a ':' (a file: value needs one)."""
+    if isinstance(value, str):
+        return ":" in value
+    if isinstance(value, dict):
+        return any(_has_colon(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_colon(v) for v in value)
+    return False
 
 
 def _normal_field(name: str) -> str:
@@ -353,19 +577,20 @@ class _Job:
 class _Expansion:
     """One call of :func:`expand`: the problems and warnings found, the specs made, the paths taken."""
 
-    def __init__(self, manifest: Manifest, catalog: Catalog, strict: bool, path_template: str | None) -> None:
+    def __init__(
+        self, manifest: Manifest, catalog: Catalog, strict: bool, path_template: str | None, *, checking: bool = True, salt: str = ""
+    ) -> None:
         self.manifest, self.catalog, self.strict, self.path_template = manifest, catalog, strict, path_template
+        self.checking = checking  # False: a later pass over a checked plan, which only makes the jobs
         self.templates = _Templates()
-        self.problems: dict[tuple[str, int | None, str], Problem] = {}
+        self.problems: dict[tuple[str, int | None, str], Problem | None] = {}  # None: a suspect's place (see settle)
         self.warnings: dict[str, None] = {}
-        self.specs: list[JobSpec] = []
-        self.seen_ids: dict[str, JobSpec] = {}
-        self.seen_paths: dict[str, JobSpec] = {}  # folded path → the spec writing it
-        self.folders: dict[str, JobSpec] = {}  # folded folder → a spec writing inside it
-        self.literal_stems: dict[str, JobSpec] = {}  # folded path before a written extension → its spec
+        self.taken = _Taken(salt)
+        self.suspects: list[_Suspect] = []
+        self.count = 0  # jobs made (their index)
+        self.seq = 0  # candidates made, good or not
         self.models: dict[str, Model | None] = {}
         self.checked_fields: set[tuple[str, str]] = set()
-        self.top_combos: dict[tuple[bool, tuple[str, ...]], list[dict[str, Any]]] = {}
         self.base = Path(manifest.file).parent
         self.inspected: dict[str, tuple[tuple[int, int] | None, InputFile | InputError]] = {}
         self.inputs: dict[str, InputFile] = {}  # token → file, every local input of the plan
@@ -373,6 +598,24 @@ class _Expansion:
         self.links = Links(self)  # pipelines: references between jobs
         self.reference_at: tuple[str, int | None] | None = None  # (file, line) of the first reference
         self.key = "model"  # the field being rendered, for a problem's line
+
+    def replay(self) -> _Expansion:
+        """A pass that makes the jobs again, unchecked, sharing this one's caches (compiled templates, models, inspected files)."""
+        again = _Expansion(self.manifest, self.catalog, self.strict, self.path_template, checking=False)
+        again.templates, again.models, again.inspected = self.templates, self.models, self.inspected
+        again.checked_fields = self.checked_fields
+        again.links = self.links  # pipelines: the jobs' names and upstream ids (a replay links nothing itself)
+        return again
+
+    def stream(self, prepared: list[_Job], start: int = 0) -> Iterator[JobSpec]:
+        """The jobs, from the ``start``-th on (only a pass over a checked plan may start past 0: every candidate is a job)."""
+        for job in prepared:
+            if start >= job.count:
+                start -= job.count
+                self.count += job.count
+                continue
+            yield from self.expand_job(job, start)
+            start = 0
 
     def local_inputs(self, value: Any, file: str, line: int | None, where: str) -> Any:
         """``value`` with each ``file:PATH`` string replaced by the file's token (:func:`inputs.token`); a bad file is a problem."""
@@ -412,7 +655,7 @@ class _Expansion:
         return found
 
     def problem(self, file: str, line: int | None, message: str) -> None:
-        if len(self.problems) < MAX_PROBLEMS:
+        if self.checking and len(self.problems) < MAX_PROBLEMS:
             self.problems.setdefault((file, line, message), Problem(file, line, message))
 
     def warn(self, file: str, line: int | None, message: str) -> None:
@@ -509,64 +752,97 @@ class _Expansion:
             elif name != "prompt" and difflib.get_close_matches(name, ["prompt"], n=1, cutoff=0.8):
                 self.warn(job.job.file, line, f"{job.where}.input.{name}: did you mean 'prompt'? It will be sent as written")
 
-    def expand_job(self, job: _Job) -> None:
+    def expand_job(self, job: _Job, skip: int = 0) -> Iterator[JobSpec]:
+        """The job definition's jobs, one at a time (a checking pass yields only the good ones), past the first ``skip``."""
         manifest, templates, fields, file, where = self.manifest, self.templates, job.fields, job.job.file, job.where
         uses_rows, top_used = job.top
-        top_combos = self.top_combos.get(job.top)
-        if top_combos is None:
-            matrix = {name: manifest.matrix[name] for name in top_used}
-            top_combos = self.top_combos[job.top] = [
-                {**row, **combo} for row in (manifest.rows if uses_rows else [{}]) for combo in _combos(matrix)
-            ]
-        job_combos = _combos(job.job_matrix)
+        matrix = {name: manifest.matrix[name] for name in top_used}
+        callback = fields.get("callback_url", manifest.callback_url)
         path_names = templates.names(job.path_tpl)
         named: set[str] = set()
-        for top in top_combos:
-            for jc in job_combos:
-                if len(self.problems) >= MAX_PROBLEMS:
-                    return
-                env = {**manifest.vars, **top, **jc, **job.job_vars}
-                after: list[str] = []
-                self.key = "model"
-                try:
-                    if job.refs:
-                        refs, after = self.links.values(job, env)
-                        if self.reference_at is None and after:
-                            self.reference_at = (file, fields.line_of(job.refs[0].key))
-                        model_name, model, inputs, stringified, cb = self.render_cell(job, {**env, **refs})
-                    else:
-                        model_name, model, inputs, stringified, cb = self.render_cell(job, env)
-                except _Missing as missing:
-                    defined = ", ".join(sorted(env)) or "none"
-                    self.problem(
-                        file,
-                        fields.line_of(self.key),
-                        f"{where}.{self.key} uses {{{missing.name}}}, which is not defined (defined: {defined})",
-                    )
-                    continue
-                except ValueError as exc:
-                    key = exc.args[1] if len(exc.args) > 1 else self.key
-                    self.problem(file, fields.line_of(key), f"{where}.{key}: {exc.args[0]}")
-                    continue
-                if not self.check_prompt(job, inputs):
-                    return  # the same problem would repeat for every combination
-                if model_name not in named:  # a job's field names are the same in every combination
-                    named.add(model_name)
-                    self.check_field_names(job, model, model_name, inputs)
-                if model is not None:
-                    for text in check_fields(model, inputs):
-                        self.problem(file, fields.line_of("input") if "input" in fields else fields.line, f"{where}: {text}")
-                body = build_body(model_name, bool(model and model.root_only), inputs, stringified, cb)
-                canon = canonical(body)
-                if len(canon) > MAX_BODY_BYTES // 4 and _utf8_len(canon) > MAX_BODY_BYTES:
-                    size = _utf8_len(canon)
-                    self.problem(
-                        file, fields.line, f"{where}: the request would be {size:,} bytes; at most {MAX_BODY_BYTES:,} — shorten its fields"
-                    )
-                    return
-                price = manifest.credits.get(model_name, model.credits if model else None)
-                for variant in range(1, job.variants + 1):
-                    self.add(job, env, model_name, model, body, canon, variant, price, path_names, tuple(after))
+        base_vars, job_vars = manifest.vars, job.job_vars
+        # a file: value can only come from a ':' in a field (the prompt aside) or in a var's value
+        sources = ([v for k, v in fields.items() if k != "prompt"], manifest.vars, job_vars, job.job_matrix, matrix)
+        maybe_files = _has_colon(sources) or (uses_rows and _has_colon(manifest.rows))
+        rows = manifest.rows if uses_rows else [{}]
+        model_tpl, input_tpl, prompt_tpl = fields["model"], fields.get("input") or {}, fields.get("prompt")
+        has_prompt = "prompt" in fields
+        stringified_keys = [key for key in STRINGIFIED if key in fields]
+        prices: dict[str, float | None] = {}
+        pairs: Iterator[tuple[dict[str, Any], dict[str, Any]]] = (
+            ({**row, **combo} if row else combo, jc) for row in rows for combo in _combos(matrix) for jc in _combos(job.job_matrix)
+        )
+        first_variant = 1
+        if skip:  # combinations are skipped unmade (each makes `variants` jobs); the index follows
+            pairs = itertools.islice(pairs, skip // job.variants, None)
+            first_variant += skip % job.variants
+            self.count += skip
+        for top, jc in pairs:
+            if len(self.problems) >= MAX_PROBLEMS:
+                return
+            env = {**base_vars, **top, **jc, **job_vars} if base_vars or job_vars or jc else top
+            key = "model"
+            after: tuple[str, ...] = ()
+            renv = env
+            try:
+                if job.refs:  # pipelines: the upstream results this cell uses, as tokens naming their ids
+                    refs, upstream = self.links.values(job, env)
+                    after, renv = tuple(upstream), {**env, **refs}
+                    if self.reference_at is None and after:
+                        self.reference_at = (file, fields.line_of(job.refs[0].key))
+                model_name = str(templates.render(model_tpl, renv))
+                model = self.model(model_name, job)
+                key = "input"
+                inputs = templates.render(input_tpl, renv) if input_tpl else {}
+                if has_prompt:
+                    key = "prompt"
+                    inputs["prompt"] = templates.render(prompt_tpl, renv)
+                stringified = {}
+                for key in stringified_keys:
+                    value = templates.render(fields[key], renv)
+                    stringified[key] = [value] if isinstance(value, str) and key != "options" else value
+                key = "callback_url"
+                cb = templates.render(callback, renv) if callback else None
+                if maybe_files and FILE_PREFIX in repr((inputs, stringified)):
+                    inputs = {
+                        k: v if k == "prompt" else self.local_inputs(v, file, fields.line_of("input"), f"{where}.input.{k}")
+                        for k, v in inputs.items()
+                    }
+                    stringified = {k: self.local_inputs(v, file, fields.line_of(k), f"{where}.{k}") for k, v in stringified.items()}
+            except _Missing as missing:
+                defined = ", ".join(sorted(env)) or "none"
+                self.problem(file, fields.line_of(key), f"{where}.{key} uses {{{missing.name}}}, which is not defined (defined: {defined})")
+                continue
+            except ValueError as exc:
+                key = exc.args[1] if len(exc.args) > 1 else key  # a reference names the field it is in
+                self.problem(file, fields.line_of(key), f"{where}.{key}: {exc.args[0]}")
+                continue
+            prompt = inputs.get("prompt")
+            if not (type(prompt) is str and len(prompt) <= MAX_PROMPT_BYTES // 4) and not self.check_prompt(job, inputs):
+                return  # the same problem would repeat for every combination
+            if model_name not in named:  # a job's field names are the same in every combination
+                named.add(model_name)
+                self.check_field_names(job, model, model_name, inputs)
+            if model is not None and (model.required or model.enums):
+                for text in check_fields(model, inputs):
+                    self.problem(file, fields.line_of("input") if "input" in fields else fields.line, f"{where}: {text}")
+            body = build_body(model_name, bool(model and model.root_only), inputs, stringified, cb)
+            canon = canonical(body)
+            if len(canon) > MAX_BODY_BYTES // 4 and _utf8_len(canon) > MAX_BODY_BYTES:
+                size = _utf8_len(canon)
+                self.problem(
+                    file, fields.line, f"{where}: the request would be {size:,} bytes; at most {MAX_BODY_BYTES:,} — shorten its fields"
+                )
+                return
+            if model_name in prices:
+                price = prices[model_name]
+            else:
+                price = prices[model_name] = manifest.credits.get(model_name, model.credits if model else None)
+            for variant in range(first_variant, job.variants + 1):
+                spec = self.add(job, env, model_name, model, body, canon, variant, price, path_names, after)
+                if spec is not None:
+                    yield spec
+            first_variant = 1
 
     def render_cell(self, job: _Job, env: dict[str, Any]) -> tuple[str, Model | None, dict[str, Any], dict[str, Any], Any]:
         """One cell's model, model fields, stringified fields and callback URL; ``self.key`` names the field being rendered."""
@@ -640,88 +916,136 @@ class _Expansion:
         price: float | None,
         path_names: set[str],
         after: tuple[str, ...] = (),
-    ) -> None:
-        file, where = job.job.file, job.where
+    ) -> JobSpec | None:
+        """The job, or None after a problem (a checking pass also refuses an id or a path already taken)."""
+        self.seq += 1
         jid = job_id(body, variant, canonical_body=text)
-        index = len(self.specs)
+        index = self.count
         try:
-            rel = self.templates.render(
-                job.path_tpl,
-                {"step": job.name or model_name, **env, "model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT},
-            )
+            specials = {"model": model_name, "variant": variant, "job_id": jid, "index": index, "ext": EXT}
+            if "step" not in env:  # {step}: the job's id (else its model); a var named step wins
+                specials["step"] = job.name or model_name
+            rel = self.templates.render_over(job.path_tpl, env, specials)
             rel = safe_path(str(rel))
         except _Missing as missing:
             defined = ", ".join(sorted([*env, *SPECIAL_VARS]))
             self.problem(job.path_file, job.path_line, f"path uses {{{missing.name}}}, which is not defined (defined: {defined})")
-            return
+            return None
         except ValueError as exc:
             shown = job.path_tpl if len(job.path_tpl) <= 80 else job.path_tpl[:79] + "…"
             self.problem(job.path_file, job.path_line, f"path {shown!r} {exc}")
-            return
+            return None
         spec = JobSpec(
             jid, model_name, model.modality if model else "unknown", body, rel, variant, index, env, price, job.fields.line, job.name, after
         )
-        twin = self.seen_ids.get(jid)
-        if twin is not None:
-            self.problem(
-                file,
-                job.fields.line,
-                f"{where} sends the same request as the job on line {twin.line} (id {jid}) — it would be paid twice "
-                "for the same result; use 'variants:' for copies or make them differ",
-            )
-            return
+        if self.checking and not self.unique(spec, job, path_names):
+            return None
+        self.count += 1
+        return spec
+
+    def unique(self, spec: JobSpec, job: _Job, path_names: set[str]) -> bool:
+        """Take the job's id, path and folders; False (a suspect, see :meth:`settle`) when one is taken already."""
+        taken, rel = self.taken, spec.path
+        h = taken.key if taken.salt else hash
+        if h(spec.id) in taken.ids:
+            return self.suspect("twin", "id", spec.id, spec, job, path_names)
         key = _fold(rel)
-        other = self.seen_paths.get(key)
-        if other is not None:
-            case = "" if other.path == rel else f" (its path {other.path} differs only in letter case: one file on macOS and Windows)"
-            self.problem(
-                file,
-                job.fields.line,
-                f"{where} writes to {rel}, as does the job on line {other.line}{case}; {_differ(spec, other, path_names)}",
-            )
-            return
-        other = self.folders.get(key)
-        if other is not None:
-            self.problem(
-                file,
-                job.fields.line,
-                f"{where} writes a file at {rel}, where the job on line {other.line} needs a folder (it writes {other.path}) — "
-                "a name cannot be both; change one of the paths",
-            )
-            return
+        hkey = h(key)
+        if hkey in taken.paths:
+            return self.suspect("path", "path", key, spec, job, path_names)
+        if hkey in taken.folders:
+            return self.suspect("folder", "folder", key, spec, job, path_names)
         # x.{ext} becomes x.png for a PNG: it may meet a path written with its extension
         literal_stem = None
         if rel.endswith(_DOT_EXT):
-            if self.literal_stems:
-                other = self.literal_stems.get(key[: -len(_DOT_EXT)])
+            if taken.stems and h(key[: -len(_DOT_EXT)]) in taken.stems:
+                return self.suspect("stem", "stem", key[: -len(_DOT_EXT)], spec, job, path_names)
         elif rel.rfind(".") > rel.rfind("/"):
             literal_stem = _fold(rel[: rel.rfind(".")])
-            other = self.seen_paths.get(literal_stem + _DOT_EXT)
-        if other is not None:
-            self.problem(
-                file,
-                job.fields.line,
-                f"{where} writes to {rel}, and the job on line {other.line} writes {other.path}: they are one file whenever "
-                "the result has that extension — give them different names",
-            )
-            return
-        folders = [_fold(rel[:i]) for i in _slashes(rel)] if "/" in rel else []
+            if h(literal_stem + _DOT_EXT) in taken.paths:
+                return self.suspect("stem", "path", literal_stem + _DOT_EXT, spec, job, path_names)
+        folders = _folders(rel)
         for folder in folders:
-            other = self.seen_paths.get(folder)
-            if other is not None:
-                self.problem(
-                    file,
-                    job.fields.line,
-                    f"{where} writes {rel}, inside a folder named like the file the job on line {other.line} writes ({other.path}) — "
-                    "a name cannot be both; change one of the paths",
-                )
-                return
+            if h(folder) in taken.paths:
+                return self.suspect("inside", "path", folder, spec, job, path_names)
         for folder in folders:
-            self.folders.setdefault(folder, spec)
+            taken.folders.add(h(folder))
         if literal_stem is not None:
-            self.literal_stems.setdefault(literal_stem, spec)
-        self.seen_ids[jid] = self.seen_paths[key] = spec
-        self.specs.append(spec)
+            taken.stems.add(h(literal_stem))
+        taken.ids.add(h(spec.id))
+        taken.paths.add(hkey)
+        return True
+
+    def suspect(self, kind: str, space: str, key: str, spec: JobSpec, job: _Job, path_names: set[str]) -> bool:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems[("", self.seq, kind)] = None  # keeps the problem's place among the others
+            self.suspects.append(_Suspect(self.seq, kind, space, key, spec, job, path_names))
+        return False
+
+    def settle(self, prepared: list[_Job]) -> bool:
+        """Turn each suspect into its problem, naming the earlier job it met (found by making the jobs again).
+
+        False when a suspect meets no earlier job: two different keys had one hash (about one
+        chance in 10¹⁰ for a million jobs), and the expansion must be checked again with another salt.
+        """
+        wanted = {(s.space, s.key): s.seq for s in self.suspects}
+        last = max(s.seq for s in self.suspects)
+        found: dict[tuple[str, str], JobSpec] = {}
+        again = self.replay()
+        for spec in again.stream(prepared):
+            if again.seq >= last:
+                break
+            rel = spec.path
+            stem = _fold(rel[: rel.rfind(".")]) if not rel.endswith(_DOT_EXT) and rel.rfind(".") > rel.rfind("/") else ""
+            keys = [("id", spec.id), ("path", _fold(rel)), *(("folder", f) for f in _folders(rel)), ("stem", stem)]
+            for space_key in keys:
+                if space_key in wanted and space_key not in found and again.seq < wanted[space_key]:
+                    found[space_key] = spec
+        messages: dict[int, Problem] = {}
+        for s in self.suspects:
+            other = found.get((s.space, s.key))
+            if other is None:
+                return False
+            messages[s.seq] = Problem(s.job.job.file, s.job.fields.line, _clash(s, other))
+        problems: dict[tuple[str, int | None, str], Problem | None] = {}
+        for place, problem in self.problems.items():
+            if problem is None:
+                problem = messages[int(place[1] or 0)]
+                place = (problem.file, problem.line, problem.message)
+            problems.setdefault(place, problem)
+        self.problems = problems
+        return True
+
+
+def _folders(path: str) -> list[str]:
+    """The folded folders a path is inside of."""
+    return [_fold(path[:i]) for i in _slashes(path)] if "/" in path else []
+
+
+def _clash(s: _Suspect, other: JobSpec) -> str:
+    where, rel = s.job.where, s.spec.path
+    if s.kind == "twin":
+        return (
+            f"{where} sends the same request as the job on line {other.line} (id {s.spec.id}) — it would be paid twice "
+            "for the same result; use 'variants:' for copies or make them differ"
+        )
+    if s.kind == "path":
+        case = "" if other.path == rel else f" (its path {other.path} differs only in letter case: one file on macOS and Windows)"
+        return f"{where} writes to {rel}, as does the job on line {other.line}{case}; {_differ(s.spec, other, s.path_names)}"
+    if s.kind == "folder":
+        return (
+            f"{where} writes a file at {rel}, where the job on line {other.line} needs a folder (it writes {other.path}) — "
+            "a name cannot be both; change one of the paths"
+        )
+    if s.kind == "stem":
+        return (
+            f"{where} writes to {rel}, and the job on line {other.line} writes {other.path}: they are one file whenever "
+            "the result has that extension — give them different names"
+        )
+    return (
+        f"{where} writes {rel}, inside a folder named like the file the job on line {other.line} writes ({other.path}) — "
+        "a name cannot be both; change one of the paths"
+    )
 
 
 _NOTHING = object()
@@ -753,29 +1077,86 @@ def _differ(spec: JobSpec, other: JobSpec, path_names: set[str]) -> str:
     return "nothing in their vars differs — add {job_id} to 'path', or give each job its own 'path:'"
 
 
+def _fingerprint(manifest: Manifest, catalog: Catalog, strict: bool, path_template: str | None) -> str | None:
+    """What the jobs are made from, hashed (see :attr:`Plan.fingerprint`)."""
+    made_of = repr((EXPANSION_VERSION, manifest, sorted(catalog.models.items()), strict, path_template))
+    if FILE_PREFIX in made_of:
+        return None
+    return hashlib.sha256(made_of.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _trusted(checked: str | None, fingerprint: str | None) -> tuple[int, dict[str, Any], list[str]] | None:
+    """(jobs, summary, warnings) of a state's record of this very plan; None for any other plan, or a record it cannot read."""
+    if checked is None or fingerprint is None:
+        return None
+    try:
+        data = json.loads(checked)
+        if data["fingerprint"] != fingerprint:
+            return None
+        Summary.from_dict(data["summary"])
+        return int(data["jobs"]), dict(data["summary"]), [str(w) for w in data["warnings"]]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def expand(
-    manifest: Manifest, catalog: Catalog, *, strict: bool = False, path_template: str | None = None, max_jobs: int | None = None
+    manifest: Manifest,
+    catalog: Catalog,
+    *,
+    strict: bool = False,
+    path_template: str | None = None,
+    max_jobs: int | None = None,
+    keep_specs: int = KEEP_SPECS,
+    checked: str | None = None,
 ) -> Plan:
     """Every job of the manifest, validated against the catalog. Raises :class:`ManifestError` with every problem.
 
     ``max_jobs`` (default: the manifest's ``max_jobs``, else :data:`DEFAULT_MAX_JOBS`) bounds the
     number of jobs; it is checked before any job is built. Warnings travel with the error too.
+    ``checked`` is the :meth:`Plan.record` an output folder's state keeps of the plan it holds
+    (``store.SYNCED_META``): when it is this very plan (same fingerprint, same number of jobs), the
+    jobs were checked when they went into the state, and are not checked again — a resume of a
+    million jobs starts in seconds. Up to ``keep_specs`` jobs the plan holds them in a list; past that, ``plan.specs`` makes them
+    again at each pass (:class:`Specs`) and memory stays flat in the campaign's size.
     """
-    expansion = _Expansion(manifest, catalog, strict, path_template)
-    prepared = expansion.prepare()
-    limit = max_jobs or manifest.max_jobs or DEFAULT_MAX_JOBS
-    total = sum(job.count for job in prepared)
-    if total > limit:
-        line = manifest.line_of("max_jobs") or manifest.line_of("matrix") or manifest.line_of("jobs")
-        expansion.problem(
-            manifest.file,
-            line,
-            f"the manifest makes {total:,} jobs, more than the limit of {limit:,} — raise it with 'max_jobs:' in the manifest, "
-            "or split the campaign",
-        )
-    else:
-        for job in prepared:
-            expansion.expand_job(job)
+    fingerprint = _fingerprint(manifest, catalog, strict, path_template)
+    trusted = _trusted(checked, fingerprint)
+    salt = ""
+    while True:
+        expansion = _Expansion(manifest, catalog, strict, path_template, salt=salt)
+        prepared = expansion.prepare()
+        limit = max_jobs or manifest.max_jobs or DEFAULT_MAX_JOBS
+        total = sum(job.count for job in prepared)
+        kept: list[JobSpec] | None = []
+        summary = Summary()
+        if total > limit:
+            line = manifest.line_of("max_jobs") or manifest.line_of("matrix") or manifest.line_of("jobs")
+            expansion.problem(
+                manifest.file,
+                line,
+                f"the manifest makes {total:,} jobs, more than the limit of {limit:,} — raise it with 'max_jobs:' in the manifest, "
+                "or split the campaign",
+            )
+        elif trusted is not None and trusted[0] == total and not expansion.problems:
+            summary = Summary.from_dict(trusted[1])  # this very plan is in the state, checked: its jobs are made as needed
+            expansion.count, expansion.warnings, kept = total, dict.fromkeys(trusted[2]), None
+        else:
+            with paused_gc():
+                specs_made = expansion.stream(prepared)
+                for spec in specs_made:
+                    summary.add(spec)
+                    if kept is not None:
+                        kept = kept if len(kept) < keep_specs else None
+                        if kept is not None:
+                            kept.append(spec)
+        if not expansion.suspects or expansion.settle(prepared):
+            break
+        salt = f"\0{len(salt) + 1}"  # a false alarm: check again with other hashes
     if expansion.problems:
-        raise ManifestError(list(expansion.problems.values()), list(expansion.warnings))
-    return Plan(manifest, expansion.specs, list(expansion.warnings), expansion.inputs, expansion.input_at, expansion.reference_at)
+        raise ManifestError([p for p in expansion.problems.values() if p is not None], list(expansion.warnings))
+    expansion.taken, expansion.suspects = _Taken(), []  # a later pass does not check: the hashes' memory goes back now
+    specs: Sequence[JobSpec] = kept if kept is not None else Specs(expansion, prepared, expansion.count, summary)
+    return Plan(
+        manifest, specs, list(expansion.warnings), expansion.inputs, expansion.input_at,
+        reference_at=expansion.reference_at, fingerprint=fingerprint,
+    )  # fmt: skip

@@ -34,7 +34,7 @@ import difflib
 import json
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -393,7 +393,7 @@ class Step:
     uses: tuple[str, ...]
 
 
-def steps(specs: list[JobSpec]) -> list[Step]:
+def steps(specs: Sequence[JobSpec]) -> list[Step]:
     """The steps of a pipeline (empty when no job uses another's result), in manifest order."""
     if not any(s.after for s in specs):
         return []
@@ -407,7 +407,7 @@ def steps(specs: list[JobSpec]) -> list[Step]:
     return [Step(name, model, n, credits, tuple(uses)) for name, (model, n, credits, uses) in found.items()]
 
 
-def remade(specs: list[JobSpec], finished: Callable[[JobSpec], bool]) -> dict[str, str]:
+def remade(specs: Sequence[JobSpec], finished: Callable[[JobSpec], bool]) -> dict[str, str]:
     """Finished jobs a run makes again because an input, directly or not, is not finished (deleted, rejected, changed):
     {job id: the step of that input}."""
     by_id = {s.id: s for s in specs}
@@ -433,7 +433,7 @@ def remade(specs: list[JobSpec], finished: Callable[[JobSpec], bool]) -> dict[st
     return out
 
 
-def blocked(specs: list[JobSpec], finished: Callable[[JobSpec], bool], failed: Callable[[JobSpec], bool]) -> set[str]:
+def blocked(specs: Sequence[JobSpec], finished: Callable[[JobSpec], bool], failed: Callable[[JobSpec], bool]) -> set[str]:
     """Unfinished jobs a run fails without sending them: an input of theirs, directly or not, stays failed."""
     by_id = {s.id: s for s in specs}
     memo: dict[str, bool] = {}
@@ -449,7 +449,7 @@ def blocked(specs: list[JobSpec], finished: Callable[[JobSpec], bool], failed: C
     return {s.id for s in specs if s.after and not finished(s) and any(map(stuck, s.after))}
 
 
-def reasons(specs: list[JobSpec], known: Callable[[str], bool], redo: dict[str, str]) -> list[tuple[str, str, int]]:
+def reasons(specs: Sequence[JobSpec], known: Callable[[str], bool], redo: dict[str, str]) -> list[tuple[str, str, int]]:
     """Why a re-run makes each pipeline job it makes: (step, reason, jobs), for ``plan`` of a folder run before."""
     found: dict[tuple[str, str], int] = {}
     step_of = {s.id: label(s) for s in specs}

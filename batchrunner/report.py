@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from .catalog import model_fields
 from .download import create_new, write_error
-from .errors import ReportError, redact
+from .errors import ReportError, StateError, redact
 from .pipeline import chain as made_from
 from .pipeline import readable
 from .store import Store
@@ -146,8 +146,17 @@ def write_reports(
     Only the gallery's cards (at most :data:`GALLERY_LIMIT`) are held until the page is written.
     """
     summary = summarize(store, wall_s=wall_s, outcome=outcome, error=error)
+    out = store.out_dir
+    if outcome == "interrupted" and sum(summary["counts"].values()) > INTERRUPTED_REPORT_MAX:
+        summary["reports"] = "not rewritten (interrupted): `batchrunner report DIR` or the next run writes them"
+        return summary
     try:
+        digest = store.rows_digest()
+        if outcome is not None and not links and store.meta(REPORTS_META) == digest and _patch_summary(out / "report.json", summary):
+            return summary  # a run that changed no job (a no-op re-run): only report.json's summary is rewritten
         _write(store, summary, links or {}, links_expire_at)
+        with contextlib.suppress(StateError):  # a store opened read-only (`batchrunner report` beside a review): not remembered
+            store.set_meta(REPORTS_META, digest)
     except OSError as exc:  # a full or read-only output folder
         out = store.out_dir
         raise ReportError(
@@ -167,14 +176,50 @@ def _write(store: Store, summary: dict[str, Any], links: Mapping[str, str], link
         page = Gallery.for_store(store, summary, links=links, links_expire_at=links_expire_at)
         writer = csv.DictWriter(as_csv, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        as_json.write('{"summary": ' + json.dumps(summary, ensure_ascii=False) + ',\n"jobs": [')
+        as_json.write('{"jobs": [')
         for n, row in enumerate(store.rows()):
             job = _job_record(row, store)
             as_json.write((",\n" if n else "\n") + json.dumps(job, ensure_ascii=False, default=str))
             writer.writerow(job)
             page.add(job)
-        as_json.write("\n]}\n")
+        as_json.write("\n],\n" + _SUMMARY + json.dumps(summary, ensure_ascii=False) + "}\n")
         as_html.write(page.render())
+
+
+# report.json ends with the summary, on its own line: a run that changed no job rewrites only that
+# line (REPORTS_META holds the digest of the rows the reports were last written from)
+_SUMMARY = '"summary": '
+REPORTS_META = "reports"
+# An interrupted run of more jobs leaves the reports to `batchrunner report` or the next run: a stop is
+# prompt (5,000 rows take about a second on a small machine; a million, minutes)
+INTERRUPTED_REPORT_MAX = 5_000
+
+
+def _patch_summary(path: Path, summary: dict[str, Any]) -> bool:
+    """Rewrite the summary line at the end of ``path`` in place; False when a report is not as written (rewrite them all).
+
+    Never through a link planted at the name (nor a second hard link), as :func:`_report_file` never writes through one.
+    """
+    if not all((path.parent / name).is_file() for name in ("report.csv", "report.html")):
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    with open(fd, "r+b") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 2**20))
+        tail = f.read()
+        at = tail.rfind(b"\n" + _SUMMARY.encode())
+        if at < 0 or not tail.endswith(b"}\n"):
+            return False
+        f.seek(size - len(tail) + at + 1)
+        f.write(redact(_SUMMARY + json.dumps(summary, ensure_ascii=False) + "}\n").encode("utf-8", "surrogatepass"))
+        f.truncate()
+    return True
 
 
 def _requests_line(requests: dict[str, int]) -> str:

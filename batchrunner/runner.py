@@ -22,13 +22,14 @@ and a ``tick`` event says once a second what the run is waiting for.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
 import re
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,12 @@ from .errors import (
     UnknownTask,
     Unreachable,
 )
-from .expand import Plan
+from .expand import JobSpec, Plan, Specs, paused_gc
 from .inputs import CONTENT_TYPES, TOKEN_PREFIX, InputFile, Inputs, LoopbackStorage, resolve, tokens
 from .pipeline import Flow, result_ids, result_token
 from .pipeline import resolve as resolve_results
 from .storage import SIDECAR, Storage, complete, open_storage
-from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, Job, JobState, Store
+from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, SYNCED_META, Job, JobState, Store
 
 FLUSH_S = 0.2  # transitions no submit waits for (finished jobs) are committed at least this often
 DEFAULT_EXPECTED_S = {"image": 10.0, "video": 90.0, "audio": 20.0, "unknown": 30.0}
@@ -93,6 +94,8 @@ class RunConfig:
     unreachable_s: float = 30.0  # how long the API may stay unreachable mid-run before the run stops
     max_unrecognised: int = 10  # answers that are neither documented state before the job fails
     stop_grace_s: float = 5.0  # how long a stop waits for generate requests in flight to be answered
+    feed_first: int = 10_000  # a new campaign's jobs put in the state before its first request (see Feed)…
+    feed_page: int = 1_000  # …and then this many at a time, as the run reaches them
     tick_s: float = 1.0  # how often the ``tick`` event reports what the run is waiting for
     storage_url: str | None = None  # s3://bucket/prefix (gs://, az://): inputs uploaded there, results kept there too
     storage_endpoint: str | None = None  # an S3-compatible service's URL (default: $AWS_ENDPOINT_URL)
@@ -737,13 +740,30 @@ async def _campaign(
     check(plan, config)
     store = Store.open(config.out_dir, create=plan is not None)
     resuming = plan is None
+    feed: Feed | None = None
     try:
         if plan is not None:
             store.claim(plan.manifest.name, force=config.force)
             store.set_meta("group_var", plan.group_var or "")
         store.claim_backend(config.backend, force=config.force)
-        if plan is not None:
-            resuming = bool(store.sync(plan.specs).known)
+        # a pipeline's jobs go in whole, with what each needs (store.sync): its waiting jobs are settled from that
+        synced = plan.record() if plan is not None and plan.fingerprint and plan.reference_at is None else None
+        if plan is not None and not plan.inputs and plan.reference_at is None and store.is_empty():
+            # a new campaign: its first page in the state now, the rest as the run reaches it
+            feed = Feed(store, plan.specs, config.feed_first, config.feed_page)
+            store.set_meta(SYNCED_META, synced or "")
+        elif plan is not None and synced is not None and _holds(store.meta(SYNCED_META), plan):
+            # the state holds this very plan's jobs, or the first of them (a new campaign's feed, stopped): no sync,
+            # and the rest go in as the run reaches them — a resume of a big campaign starts at once
+            resuming, held = True, sum(store.counts().values())
+            if held < len(plan.specs):
+                rest = plan.specs.tail(held) if isinstance(plan.specs, Specs) else plan.specs[held:]
+                feed = Feed(store, rest, 0, config.feed_page)
+                feed.left = len(plan.specs) - held
+        elif plan is not None:
+            with paused_gc():
+                resuming = bool(store.sync(plan.specs).known)
+            store.set_meta(SYNCED_META, synced or "")  # a plan without a fingerprint leaves no record: the next run syncs
         config = _storage_settings(config, store, rerun=plan is None)
     except StateError:
         store.close()
@@ -773,6 +793,8 @@ async def _campaign(
                 config.out_dir, store.counts(), found,
                 spent=before["credits_spent"], ambiguous_before=int(before["ambiguous_resubmitted"]), resuming=resuming,
             )  # fmt: skip
+            if feed is not None:  # the jobs not in the state yet are to submit too
+                start = replace(start, jobs=start.jobs + feed.left, to_submit=start.to_submit + feed.left)
             if on_start is not None:
                 on_start(start)
             if client is None:
@@ -790,7 +812,7 @@ async def _campaign(
                 if interrupt.requests:
                     runner.interrupted = True
             if not runner.interrupted:
-                await runner.run(store.work())
+                await runner.run(store.work() if feed is None else itertools.chain(store.work() if resuming else (), feed))
             if results is not None and not config.keep_local:
                 links, links_expire_at = await _links(store, results), time.time() + LINK_LIFETIME_S
         counts = store.counts()
@@ -816,7 +838,50 @@ async def _campaign(
         finally:
             store.close()
     counts = dict(summary["counts"])
+    if feed is not None and feed.left:  # stopped before the whole campaign was in the state: the rest is still to do
+        counts["pending"] = counts.get("pending", 0) + feed.left
     return RunResult(outcome, counts, summary, error, start=start, tally=tally(start, counts, summary["ambiguous_resubmitted"]))
+
+
+def _holds(record: str | None, plan: Plan) -> bool:
+    """Whether a state's record (store.SYNCED_META) is of this very plan: its jobs are exactly the plan's."""
+    try:
+        data = json.loads(record or "")
+        return bool(data["fingerprint"] == plan.fingerprint and data["jobs"] == len(plan.specs))
+    except (ValueError, TypeError, KeyError):
+        return False
+
+
+class Feed:
+    """A new campaign's jobs for the runner: put into the state a page at a time, just before the run reaches them.
+
+    The first page is in the state before the first request, so a run of a million jobs starts
+    as soon as its plan is checked, not after a million inserts; memory holds one page. A run
+    stopped early leaves the rest out of the state: the next run of the same plan feeds them on
+    (the state's record, ``store.SYNCED_META``, says whose jobs these are); another plan syncs.
+    Campaigns up to ``RunConfig.feed_first`` jobs are wholly in the state before the run starts. A page
+    holds the event loop for a few milliseconds per 100 jobs (made from the manifest, inserted).
+    """
+
+    def __init__(self, store: Store, specs: Iterable[JobSpec], first: int, page: int) -> None:
+        self.store, self.page = store, page
+        self.left = len(specs) if isinstance(specs, Sized) else 0
+        self._specs = iter(specs)
+        self._next = self._fill(first)
+
+    def _fill(self, n: int) -> list[Job]:
+        with paused_gc():
+            jobs = self.store.add_new(itertools.islice(self._specs, n)) if n else []
+        self.left = max(0, self.left - len(jobs))
+        return jobs
+
+    def __iter__(self) -> Iterator[Job]:
+        jobs, self._next = self._next, []
+        while True:
+            yield from jobs
+            jobs = self._fill(self.page)
+            if not jobs:
+                return
 
 
 STORAGE_META = "storage"  # the storage a run used, so `retry DIR` (no manifest) keeps its results where they are

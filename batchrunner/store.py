@@ -152,6 +152,12 @@ class Job:
     variant: int | None = None
 
 
+# The plan whose jobs the state holds exactly (expand.Plan.record: its fingerprint, job count, counts and
+# warnings): a run of that plan again skips its check and sync. Set by the runner after a sync or a
+# whole Feed; a rebuild drops it.
+SYNCED_META = "synced_plan"
+
+
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     """What ``sync`` found: jobs new to the store, and jobs already known by state."""
@@ -366,6 +372,30 @@ class Store:
                 self._move(job_id, spec, state, old_final)
             conn.execute("DROP TABLE incoming")
         return SyncResult(new=new, known={str(k): v for k, v in known.items() if v}, dropped=dropped)
+
+    def is_empty(self) -> bool:
+        """No job in the state yet: a new campaign."""
+        with self._sql() as conn:
+            return conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchone() is None
+
+    def add_new(self, specs: Iterable[JobSpec]) -> list[Job]:
+        """Insert jobs new to the state (a new campaign's, a page at a time), in one commit; they come back pending.
+
+        Unlike :meth:`sync` nothing is matched: the caller knows the state holds none of them
+        (:meth:`is_empty`, then each page once).
+        """
+        self.flush()
+        now = self.clock()
+        jobs, rows = [], []
+        for s in specs:
+            jobs.append(Job(s.id, s.model, s.modality, s.body, s.path, s.vars, S.PENDING, None, s.credits, None, None, s.variant))
+            rows.append((s.id, s.index, s.model, s.modality, _spec_json(s), s.credits, now, now))
+        with self._sql() as conn, conn:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO jobs (id, idx, model, modality, spec, credits, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)", rows
+            )
+        return jobs
 
     def _move(self, job_id: str, spec: str, state: str, old_final: str | None) -> None:
         """A known job's spec changed (its path template, or vars): follow it, moving a finished file instead of paying again."""
@@ -747,6 +777,17 @@ class Store:
         with self._sql() as conn:
             yield from conn.execute(sql + " ORDER BY idx", params)
 
+    def rows_digest(self) -> str:
+        """A digest of every row :meth:`rows` yields: equal digests, equal reports (the reports skip a rewrite then)."""
+        digest = hashlib.blake2b(digest_size=16)
+        with self._sql() as conn:
+            cur = conn.cursor()
+            cur.row_factory = None  # plain tuples: their repr is their content
+            cur.execute("SELECT * FROM jobs WHERE in_manifest = 1 ORDER BY idx")
+            while rows := cur.fetchmany(1000):
+                digest.update(repr(rows).encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
+
     # -- rebuilding -------------------------------------------------------------------------
     def _adopt(self, salvaged: _Salvage, finished: list[FinishedJob]) -> tuple[int, int, int, int, list[Rejected]]:
         """Write what a rebuild found: rows read back from a damaged file, then every job a verified sidecar proves done.
@@ -761,6 +802,7 @@ class Store:
         with self._sql() as conn, conn:
             conn.execute("BEGIN")
             conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", salvaged.meta.items())
+            conn.execute("DELETE FROM meta WHERE key = ?", (SYNCED_META,))  # the rebuilt jobs may not be the synced plan's
             columns = [r[1] for r in conn.execute("PRAGMA table_info(jobs)")]
             kept = kept_submitted = 0
             for row in salvaged.jobs:
@@ -1066,6 +1108,25 @@ def _connect(out_dir: Path, db: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def peek_meta(out_dir: Path, key: str) -> str | None:
+    """One meta value of ``out_dir``'s state, read-only and best effort: None when there is no state or it cannot be read
+    (whatever is wrong with it, the run or ``plan`` that opens it says so)."""
+    db = out_dir / STATE_DIR / STATE_FILE
+    try:
+        if not db.is_file() or not _size(db):
+            return None
+        conn = sqlite3.connect(db.absolute().as_uri() + "?mode=ro", uri=True)
+    except (OSError, ValueError, sqlite3.Error):
+        return None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
 
 
 def _connect_reader(out_dir: Path, db: Path) -> sqlite3.Connection:
