@@ -59,9 +59,9 @@ SPECIAL_VARS = ("model", "variant", "job_id", "index", "ext", "step")  # step: t
 MAX_PROMPT_BYTES = 100_000
 MAX_BODY_BYTES = 2**20
 # A plan holds its jobs in memory up to KEEP_SPECS; past that they are made again from the
-# manifest at each pass (Specs), and what stays in memory is ~70 bytes a job: the hashes that
-# check ids and paths are unique. DEFAULT_MAX_JOBS bounds that (~150 MB), checked before
-# expanding; raised with max_jobs: (or expand(max_jobs=)).
+# manifest at each pass (Specs), and while the plan is checked what stays in memory is ~130 bytes
+# a job: the hashes that check ids and paths are unique. DEFAULT_MAX_JOBS bounds that (~260 MB),
+# checked before expanding; raised with max_jobs: (or expand(max_jobs=)).
 DEFAULT_MAX_JOBS = 2_000_000
 KEEP_SPECS = 50_000
 EXPANSION_VERSION = 1  # part of Plan.fingerprint: raise it when the same manifest would expand to other jobs
