@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,8 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .errors import BatchRunnerError, StorageError, StorageUnavailable
+
 if TYPE_CHECKING:
     from .expand import JobSpec, _Expansion, _Job
+    from .inputs import InputFile, Inputs
     from .store import Job, Store
 
 RESULT_PREFIX = "batchrunner-result:"
@@ -512,6 +517,31 @@ def readable(value: Any, store: Store) -> Any:
     if isinstance(value, list):
         return [readable(v, store) for v in value]
     return value
+
+
+async def local_result_url(inputs: Inputs, file: InputFile, rel: str) -> str:
+    """A signed URL to the input store's copy of a local upstream result, put there first if it is not yet.
+
+    The result must still be the file that was made: a link, a folder or a file of another
+    size or content in its place (replaced or tampered with since) fails the job using it —
+    not the run — and is never read past its recorded size nor sent.
+    """
+    changed = f"input {rel} is not the file that was made (replaced or changed since) — delete it, and the next run makes it again"
+    try:
+        found = os.lstat(file.path)
+    except OSError:
+        raise StorageError(f"input {rel} is gone since it was made — run again to make it again") from None
+    if not stat.S_ISREG(found.st_mode) or found.st_size != file.bytes:
+        raise StorageError(changed)
+    try:
+        return await inputs.url(file)
+    except BaseExceptionGroup as group:  # the upload's task group wraps the one error
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        if isinstance(first, StorageUnavailable) or not isinstance(first, BatchRunnerError):
+            raise first from None
+        raise StorageError(changed if "changed while being stored" in first.message else first.message) from None
 
 
 def _input_names(body: Any) -> list[str]:

@@ -550,3 +550,44 @@ def test_waiting_jobs_show_in_status_and_the_report(write, tmp_path: Path) -> No
     page = (out / "report.html").read_text()
     assert page.count('data-state="waiting"') == 8 and "waiting for its inputs (other jobs&#x27; results)" in page
     assert {j["state"] for j in json.loads((out / "report.json").read_text())["jobs"]} == {"pending", "waiting"}
+
+
+async def test_an_upstream_result_replaced_or_changed_since_fails_its_dependents_only_and_is_never_sent(
+    tmp_path: Path,
+    write,  # type: ignore[no-untyped-def]
+) -> None:
+    m = write("chain.yaml", CHAIN)
+    async with serve(sandbox()) as (sb, url):
+        await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert sb.stats.tasks_created == 12
+        secret = tmp_path.parent / "secret.png"  # a file outside the campaign: a link to it must never be read and sent
+        secret.write_bytes(make_png(40, 40, lambda x, y: (x, y, 7)))
+        (tmp_path / "lamp/1_1/hero.png").unlink()
+        (tmp_path / "lamp/1_1/hero.png").symlink_to(secret)
+        changed = tmp_path / "chair/1_1/hero.png"  # the same size, other bytes
+        data = bytearray(changed.read_bytes())
+        data[-13] ^= 0xFF
+        changed.write_bytes(bytes(data))
+        for copy in (tmp_path / ".batchrunner" / "inputs").iterdir():  # no verified copy left to serve instead
+            copy.unlink()
+        for cell in ("lamp/1_1", "chair/1_1"):
+            (tmp_path / cell / "cutout.png").unlink()
+        result = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)  # no run-level error
+        assert result.outcome == "failed" and result.counts == {"done": 8, "failed": 4}
+        assert sb.stats.tasks_created == 12  # nothing sent
+        assert sha(secret.read_bytes()) not in sb.stats.inputs_by_sha
+        rows = chains(tmp_path)
+        for cell in ("lamp/1_1", "chair/1_1"):
+            error = rows[f"{cell}/cutout.{{ext}}"]["error"]
+            assert error.startswith(f"input {cell}/hero.png is not the file that was made") and "delete it" in error
+            assert rows[f"{cell}/video.{{ext}}"]["error"] == f"input {cell}/cutout failed"
+        for cell in ("lamp/1_1", "chair/1_1"):  # as the message says: delete them, run again
+            (tmp_path / cell / "hero.png").unlink()
+        again = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert again.outcome == "complete" and again.counts == {"done": 12}
+        tasks = sb.tasks
+    rows = chains(tmp_path)
+    for cell in ("lamp/1_1", "chair/1_1"):
+        hero, cutout = rows[f"{cell}/hero.{{ext}}"], rows[f"{cell}/cutout.{{ext}}"]
+        assert dict(tasks[cutout["task_id"]].inputs) == {"input.image_url": hero["sha256"]}
+    report_of(tmp_path)
