@@ -129,6 +129,7 @@ class Links:
         self.cache: dict[tuple[str, str, int], str] = {}
         self.active = False
         self.broken: set[int] = set()  # id() of jobs with a problem in their id or references: not expanded
+        self._rows: set[tuple[str, ...]] | None = None  # each row's values (a cell's row must be one of them)
 
     # -- linking: before anything is built ------------------------------------------------------
     def link(self, prepared: list[_Job]) -> list[_Job]:
@@ -163,8 +164,8 @@ class Links:
             if id(job) in self.broken or any(id(self.by_name[r.upstream]) in self.broken for r in job.refs):
                 self.broken.add(id(job))  # its own problem is reported; its dependents would only repeat it
                 continue
-            self._inherit(job)
-            usable.append(job)
+            if self._inherit(job):
+                usable.append(job)
         self.active = any(job.refs for job in usable)
         return [job for job in prepared if id(job) not in self.broken]
 
@@ -277,11 +278,30 @@ class Links:
                 self.broken.add(id(job))
         return out
 
-    def _inherit(self, job: _Job) -> None:
-        """A job using ``{U.url}`` varies over everything U varies over that it does not set itself, and over U's variants."""
+    def _inherit(self, job: _Job) -> bool:
+        """A job using ``{U.url}`` varies over everything U varies over that it does not set itself, and over U's variants.
+
+        False after a problem: it sets a var of ``rows:`` while it takes a result made once per row (a row is
+        taken whole; its vars cannot pin it as a matrix var can).
+        """
         if not any(ref.attr == "url" for ref in job.refs):
-            return
+            return True
         manifest = self.x.manifest
+        columns = list(manifest.rows[0]) if manifest.rows else []
+        for ref in job.refs:
+            up = self.by_name[ref.upstream]
+            pinned = [c for c in columns if c in job.job_vars or c in job.job_matrix]
+            if ref.attr == "url" and up.top[0] and pinned:
+                names = ", ".join(pinned)
+                self.x.problem(
+                    job.job.file,
+                    job.fields.line_of("vars" if pinned[0] in job.job_vars else "matrix"),
+                    f"{job.where}: sets {names} (of rows:) itself and uses {{{ref.text}}}, which {up.name} makes once per row — "
+                    f"a row is taken whole: remove {names} from this job (to use only some rows' results, take them with "
+                    f"{{{up.name}.urls}} in a job that sets {names})",
+                )
+                self.broken.add(id(job))
+                return False
         own = set(job.job_vars) | set(job.job_matrix)
         uses_rows, top_used = job.top
         top = set(top_used)
@@ -303,6 +323,7 @@ class Links:
         for values in job.job_matrix.values():
             count *= len(values)
         job.count = count
+        return True
 
     # -- expanding: one cell at a time ----------------------------------------------------------
     def values(self, job: _Job, env: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -337,6 +358,11 @@ class Links:
         free = {name: manifest.matrix[name] for name in up.top[1] if name not in bound}
         free |= {name: values for name, values in up.job_matrix.items() if name not in bound}
         rows: list[dict[str, Any]] = manifest.rows if up.top[0] and not job.top[0] else [{}]
+        if up.top[0] and not job.top[0] and (pinned := {k: str(v) for k, v in job.job_vars.items() if k in manifest.rows[0]}):
+            rows = [row for row in rows if all(str(row[k]) == v for k, v in pinned.items())]  # a var it sets pins the rows
+            if not rows:
+                shown = ", ".join(f"{k}={v!r}" for k, v in pinned.items())
+                raise ValueError(f"{{{up.name}.urls}}: no row has {shown}, so there are no results of {up.name} to take", "vars")
         for row in rows:
             for combo in _combos(free):
                 yield {**env, **row, **combo}
@@ -347,6 +373,7 @@ class Links:
         cell: dict[str, Any] = dict(manifest.vars)
         if up.top[0]:
             cell.update({name: env[name] for name in manifest.rows[0] if name in env})
+            self._a_row(job, ref, up, env)
         for name in up.top[1]:
             self._aligned(job, ref, up, name, env, manifest.matrix[name])
             cell[name] = env[name]
@@ -359,8 +386,37 @@ class Links:
         if hit is None:
             if len(self.cache) >= MAX_CACHE:
                 self.cache.clear()
-            hit = self.cache[key] = self.x.cell_id(up, cell, variant)
+            hit = self.cache[key] = self._render(up, cell, variant, ref)
         return hit
+
+    def _render(self, up: _Job, cell: dict[str, Any], variant: int, ref: Ref) -> str:
+        """``up``'s id for ``cell``; a cell it cannot be made for is ``up``'s own problem (reported on its line), named here as such."""
+        from .expand import _Missing
+
+        try:
+            return self.x.cell_id(up, cell, variant)
+        except (_Missing, ValueError) as exc:
+            why = f"{{{exc.name}}} is not defined" if isinstance(exc, _Missing) else str(exc.args[0])
+            raise ValueError(
+                f"{{{ref.text}}}: {up.name} cannot be made for this cell ({why}) — fix {up.name} (line {up.fields.line}) first",
+                ref.key,
+            ) from None
+
+    def _a_row(self, job: _Job, ref: Ref, up: _Job, env: dict[str, Any]) -> None:
+        """The row values of ``env`` must be one row of ``rows:`` together — a job that sets a row's var itself does not mix rows."""
+        columns = list(self.x.manifest.rows[0])
+        if self._rows is None:
+            self._rows = {tuple(str(row.get(c)) for c in columns) for row in self.x.manifest.rows}
+        if tuple(str(env.get(c)) for c in columns) in self._rows:
+            return
+        pinned = ", ".join(c for c in columns if c in job.job_vars) or "a column of the rows"
+        shown = ", ".join(f"{c}={env.get(c)!r}" for c in columns)
+        raise ValueError(
+            f"{{{ref.text}}}: this job's cell has {shown}, which is no row of rows: — {up.name} is made once per row, so the cells do "
+            f"not line up; do not set {pinned} in its vars (a row's values go together), or take the results of the rows "
+            f"you want with {{{up.name}.urls}}",
+            ref.key,
+        )
 
     @staticmethod
     def _aligned(job: _Job, ref: Ref, up: _Job, name: str, env: dict[str, Any], values: list[Any]) -> None:

@@ -591,3 +591,38 @@ async def test_an_upstream_result_replaced_or_changed_since_fails_its_dependents
         hero, cutout = rows[f"{cell}/hero.{{ext}}"], rows[f"{cell}/cutout.{{ext}}"]
         assert dict(tasks[cutout["task_id"]].inputs) == {"input.image_url": hero["sha256"]}
     report_of(tmp_path)
+
+
+def test_rows_are_taken_whole_and_an_upstream_that_cannot_be_made_is_named_on_the_referring_line(write) -> None:  # type: ignore[no-untyped-def]
+    write("rows.csv", "product,color\nlamp,red\nchair,blue\n")
+    head = 'rows: rows.csv\npath: "{step}-{job_id}.{ext}"\njobs:\n  - id: hero\n    model: flux-2\n    prompt: "{product} in {color}"\n'
+    cut = '  - id: cut\n    model: recraft-remove-bg\n    vars: {product: lamp}\n    input: {image_url: "{hero.url}"}\n'
+    pinned = write("pinned.yaml", head + cut)
+    found = problems(pinned)  # it was accepted: a cut-out of lamp in blue, waiting for a hero no job makes, forever
+    assert len(found) == 1 and found[0].startswith(f"{pinned}:9: jobs[1]: sets product (of rows:) itself and uses {{hero.url}}")
+    assert "a row is taken whole" in found[0] and "{hero.urls}" in found[0]
+    mixed = write("mixed.yaml", head + cut.replace("vars: {product: lamp}", "matrix: {product: [lamp, sofa]}"))
+    assert problems(mixed)[0].startswith(f"{mixed}:9: jobs[1]: sets product (of rows:) itself")
+    sheet = '  - id: sheet\n    model: flux-kontext-pro\n    prompt: sheet\n    vars: {product: PICK}\n    imageURLList: "{hero.urls}"\n'
+    plan = plan_of(write("fanin.yaml", head + sheet.replace("PICK", "lamp")))  # a var it sets pins the rows it takes
+    heroes = {s.vars["product"]: s.id for s in by(plan, "flux-2")}
+    (taken,) = by(plan, "flux-kontext-pro")
+    assert taken.after == (heroes["lamp"],) and json.loads(taken.body["imageURLList"]) == [RESULT_PREFIX + heroes["lamp"]]
+    none = write("none.yaml", head + sheet.replace("PICK", "sofa"))
+    assert problems(none) == [f"{none}:10: jobs[1].vars: {{hero.urls}}: no row has product='sofa', so there are no results of hero to take"]
+    broken = write(
+        "broken.yaml",
+        'jobs:\n  - id: y\n    model: flux-2\n    prompt: "{nothing}"\n  - model: recraft-remove-bg\n    input: {image_url: "{y.url}"}\n',
+    )
+    assert problems(broken) == [
+        f"{broken}:4: jobs[0].prompt uses {{nothing}}, which is not defined (defined: none)",
+        f"{broken}:6: jobs[1].input: {{y.url}}: y cannot be made for this cell ({{nothing}} is not defined) — fix y (line 2) first",
+    ]  # it said "jobs[1].prompt uses {nothing}" (a field it does not have)
+
+
+def test_jobs_from_a_jobs_csv_are_numbered_in_order(write) -> None:  # type: ignore[no-untyped-def]
+    write("more.csv", "model,image_url\nrecraft-remove-bg,{hero.url}\nrecraft-remove-bg,{nope.url}\nrecraft-remove-bg,{hero.7.url}\n")
+    m = write("m.yaml", 'jobs_csv: more.csv\njobs:\n  - id: hero\n    model: flux-2\n    prompt: "a lamp"\n')
+    found = problems(m)
+    assert any(p.startswith(f"{m.parent / 'more.csv'}:3: jobs[2].input refers to {{nope.url}}") for p in found), found
+    assert any(p.startswith(f"{m.parent / 'more.csv'}:4: jobs[3].input: {{hero.7.url}} pins variant 7") for p in found), found
