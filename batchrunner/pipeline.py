@@ -135,6 +135,7 @@ class Links:
     def link(self, prepared: list[_Job]) -> list[_Job]:
         """Name the jobs, parse their references, refuse bad ones, inherit dimensions; returns the jobs still usable."""
         x = self.x
+        self._forged(prepared)
         for job in prepared:
             name = job.fields.get("id")
             if name is None:
@@ -168,6 +169,39 @@ class Links:
                 usable.append(job)
         self.active = any(job.refs for job in usable)
         return [job for job in prepared if id(job) not in self.broken]
+
+    def _forged(self, prepared: list[_Job]) -> None:
+        """Refuse the text batchrunner puts in a body in place of a result or a local file until it is sent, written as such
+        (in a job, ``vars``, ``matrix`` or ``rows``): it would be replaced by a signed URL, or fail the job at its submit."""
+        from .inputs import TOKEN_PREFIX
+
+        what = {
+            RESULT_PREFIX: ("a job's result", "write {ID.url} to use the result of the job with id: ID"),
+            TOKEN_PREFIX: ("a local file", "write file:PATH"),
+        }
+
+        def check(value: Any, file: str, line: int | None, where: str) -> bool:
+            text = value if isinstance(value, str) else repr(value)
+            prefix = next((p for p in what if p in text), None)
+            if prefix is not None:
+                stands, instead = what[prefix]
+                self.x.problem(
+                    file,
+                    line,
+                    f"{where}: contains {prefix!r}, which batchrunner writes itself in place of {stands} until it is sent — {instead}",
+                )
+            return prefix is not None
+
+        manifest = self.x.manifest
+        check(manifest.vars, manifest.file, manifest.line_of("vars"), "vars")
+        check(manifest.matrix, manifest.file, manifest.line_of("matrix"), "matrix")
+        for i, row in enumerate(manifest.rows):
+            if check(row, manifest.file, manifest.line_of("rows"), f"rows (row {i + 1})"):
+                break
+        for job in prepared:
+            for key, value in job.fields.items():
+                if check(value, job.job.file, job.fields.line_of(key), f"{job.where}.{key}"):
+                    self.broken.add(id(job))
 
     def _refs(self, job: _Job) -> list[Ref]:
         x, refs = self.x, []

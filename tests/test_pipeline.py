@@ -626,3 +626,27 @@ def test_jobs_from_a_jobs_csv_are_numbered_in_order(write) -> None:  # type: ign
     found = problems(m)
     assert any(p.startswith(f"{m.parent / 'more.csv'}:3: jobs[2].input refers to {{nope.url}}") for p in found), found
     assert any(p.startswith(f"{m.parent / 'more.csv'}:4: jobs[3].input: {{hero.7.url}} pins variant 7") for p in found), found
+
+
+def test_the_text_batchrunner_puts_in_place_of_a_result_or_a_file_is_refused_where_written(write) -> None:  # type: ignore[no-untyped-def]
+    # it was accepted, then sent with a signed URL to another job's result in its place, or failed at its submit
+    # ("no storage is configured", even with --sandbox)
+    m = write(
+        "m.yaml",
+        'jobs:\n  - id: hero\n    model: flux-2\n    prompt: "a lamp"\n  - model: flux-2\n'
+        '    prompt: "about batchrunner-result:0123456789abcdef0123"\n',
+    )
+    assert problems(m) == [
+        f"{m}:6: jobs[1].prompt: contains 'batchrunner-result:', which batchrunner writes itself in place of a job's result "
+        "until it is sent — write {ID.url} to use the result of the job with id: ID"
+    ]
+    write("rows.csv", "product,note\nlamp,batchrunner-input:abc.png\n")
+    rows = write("rows.yaml", 'rows: rows.csv\njobs:\n  - model: flux-2\n    prompt: "{product} {note}"\n')
+    assert problems(rows) == [
+        f"{rows}:1: rows (row 1): contains 'batchrunner-input:', which batchrunner writes itself in place of a local file "
+        "until it is sent — write file:PATH"
+    ]
+    csv = write("c.csv", "model,prompt\nflux-2,see batchrunner-result:0123456789abcdef0123\n")
+    done = cli("plan", str(csv), "--sandbox")
+    assert done.returncode == 2 and f"{csv}:2: jobs[0].prompt: contains 'batchrunner-result:'" in done.stderr
+    assert "Traceback" not in done.stderr
