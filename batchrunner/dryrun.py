@@ -118,6 +118,7 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
         remade = pipeline.remade(plan.specs, finished)
         blocked = pipeline.blocked(plan.specs, finished, failed)
     done = files_gone = in_flight = ambiguous = stays_failed = to_submit = 0
+    gone: set[str] = set()  # finished jobs made again themselves (pipelines: plan says so per step)
     cost: float | None = 0.0
     unknown: set[str] = set()
     for job_id, spec_path, credits, model in jobs:
@@ -132,6 +133,7 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
                     done += 1
                     continue
                 files_gone += 1
+                gone.add(job_id)
             elif state == "done":
                 pass  # remade: an input is made again
             elif state == "submitted":
@@ -166,7 +168,9 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
         ambiguous_before=snap.ambiguous if snap is not None else 0,
         resuming=bool(stored),
         rejected=sum(1 for job_id, *_ in jobs if snap is not None and job_id in snap.rejected),
-        redo=tuple(pipeline.reasons(plan.specs, stored.__contains__, remade)) if plan is not None and stored and plan.reference_at else (),
+        redo=tuple(pipeline.reasons(plan.specs, stored.__contains__, remade, gone | (snap.rejected if snap is not None else set())))
+        if plan is not None and stored and plan.reference_at
+        else (),
     )
     if plan is not None:
         _check_budget(plan, config.max_credits, result, unknown)

@@ -36,7 +36,7 @@ import os
 import re
 import stat
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -544,12 +544,17 @@ def blocked(specs: list[JobSpec], finished: Callable[[JobSpec], bool], failed: C
     return {s.id for s in specs if s.after and not finished(s) and any(map(stuck, s.after))}
 
 
-def reasons(specs: list[JobSpec], known: Callable[[str], bool], redo: dict[str, str]) -> list[tuple[str, str, int]]:
-    """Why a re-run makes each pipeline job it makes: (step, reason, jobs), for ``plan`` of a folder run before."""
+def reasons(
+    specs: list[JobSpec], known: Callable[[str], bool], redo: dict[str, str], again: Collection[str] = ()
+) -> list[tuple[str, str, int]]:
+    """Why a re-run makes each pipeline job it makes: (step, reason, jobs), for ``plan`` of a folder run before;
+    ``again``: finished jobs made again themselves (their file gone, or rejected in review)."""
     found: dict[tuple[str, str], int] = {}
     step_of = {s.id: label(s) for s in specs}
     for spec in specs:
-        if spec.id in redo:
+        if spec.id in again:
+            why = "its result file is gone, or was rejected in review"
+        elif spec.id in redo:
             why = f"results of {redo[spec.id]} it uses, directly or not, are made again (deleted, rejected or failed)"
         elif not known(spec.id):
             changed = [step_of[u] for u in spec.after if u in step_of and not known(u)]

@@ -433,8 +433,9 @@ def test_plan_shows_steps_credits_and_why_a_rerun_makes_what_it_makes(write, tmp
     (out / "chair/1_1/hero.png").unlink()
     planned = json.loads(cli("plan", str(m), "--sandbox", "--out", str(out), "--json").stdout)
     assert planned["to_submit"] == 3 and planned["files_gone"] == 1
-    assert [(r["step"], r["jobs"]) for r in planned["redo"]] == [("cutout", 1), ("kling-video-turbo (line 12)", 1)]
-    assert all("results of hero it uses, directly or not, are made again" in r["why"] for r in planned["redo"])
+    assert [(r["step"], r["jobs"]) for r in planned["redo"]] == [("hero", 1), ("cutout", 1), ("kling-video-turbo (line 12)", 1)]
+    assert planned["redo"][0]["why"] == "its result file is gone, or was rejected in review"  # the hero itself: it was not listed
+    assert all("results of hero it uses, directly or not, are made again" in r["why"] for r in planned["redo"][1:])
     ran = cli("run", str(m), "--sandbox", "--out", str(out))
     assert ran.returncode == 0 and "ran 3 (3 done), skipped 9 already done" in ran.stdout
     status = cli("status", str(out)).stdout
