@@ -141,7 +141,7 @@ class Links:
             if name is None:
                 continue
             line = job.fields.line_of("id")
-            if not isinstance(name, str) or not name.isidentifier():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # ASCII, as a template's names
                 x.problem(job.job.file, line, f"{job.where}.id: must be a name of letters, digits and _ (such as hero), not {name!r}")
                 self.broken.add(id(job))
                 continue

@@ -621,6 +621,15 @@ def test_rows_are_taken_whole_and_an_upstream_that_cannot_be_made_is_named_on_th
     ]  # it said "jobs[1].prompt uses {nothing}" (a field it does not have)
 
 
+def test_an_id_a_reference_cannot_name_is_refused_on_its_own_line(write) -> None:  # type: ignore[no-untyped-def]
+    m = write(
+        "m.yaml",
+        'jobs:\n  - id: élan\n    model: flux-2\n    prompt: "x"\n  - model: recraft-remove-bg\n    input: {image_url: "{élan.url}"}\n',
+    )
+    found = problems(m)  # it was accepted, and its reference refused as "not a plain variable name"
+    assert found[0] == f"{m}:2: jobs[0].id: must be a name of letters, digits and _ (such as hero), not 'élan'", found
+
+
 def test_jobs_from_a_jobs_csv_are_numbered_in_order(write) -> None:  # type: ignore[no-untyped-def]
     write("more.csv", "model,image_url\nrecraft-remove-bg,{hero.url}\nrecraft-remove-bg,{nope.url}\nrecraft-remove-bg,{hero.7.url}\n")
     m = write("m.yaml", 'jobs_csv: more.csv\njobs:\n  - id: hero\n    model: flux-2\n    prompt: "a lamp"\n')
