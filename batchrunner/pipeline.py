@@ -129,6 +129,7 @@ class Links:
         self.cache: dict[tuple[str, str, int], str] = {}
         self.active = False
         self.broken: set[int] = set()  # id() of jobs with a problem in their id or references: not expanded
+        self._prepared: list[_Job] = []
         self._rows: set[tuple[str, ...]] | None = None  # each row's values (a cell's row must be one of them)
 
     # -- linking: before anything is built ------------------------------------------------------
@@ -136,6 +137,7 @@ class Links:
         """Name the jobs, parse their references, refuse bad ones, inherit dimensions; returns the jobs still usable."""
         x = self.x
         self._forged(prepared)
+        self._prepared = prepared
         for job in prepared:
             name = job.fields.get("id")
             if name is None:
@@ -218,6 +220,8 @@ class Links:
                     hint = f"did you mean {{{close[0]}.{attr}}}?" if close else (
                         f"the jobs with an id: {', '.join(known)}" if known else "no job has an id: add 'id: NAME' to the job it means"
                     )  # fmt: skip
+                    if any(isinstance(j.fields.get("input"), dict) and j.fields["input"].get("id") == upstream for j in self._prepared):
+                        hint += " (a CSV column 'id' is a model field, sent as input.id: name the job with 'id:' in a YAML manifest)"
                     x.problem(job.job.file, line, f"{job.where}.{key} refers to {{{text}}}, but no job has id {upstream!r} — {hint}")
                     self.broken.add(id(job))
                     continue

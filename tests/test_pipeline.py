@@ -636,6 +636,10 @@ def test_jobs_from_a_jobs_csv_are_numbered_in_order(write) -> None:  # type: ign
     found = problems(m)
     assert any(p.startswith(f"{m.parent / 'more.csv'}:3: jobs[2].input refers to {{nope.url}}") for p in found), found
     assert any(p.startswith(f"{m.parent / 'more.csv'}:4: jobs[3].input: {{hero.7.url}} pins variant 7") for p in found), found
+    csv = write("c.csv", "id,model,prompt,image_url\nhero,flux-2,a lamp,\n,recraft-remove-bg,,{hero.url}\n")
+    done = cli("plan", str(csv), "--sandbox")  # a CSV's id column is a model field, as documented: say so where it matters
+    assert done.returncode == 2 and f"{csv}:3: jobs[1].input refers to {{hero.url}}, but no job has id 'hero'" in done.stderr
+    assert "a CSV column 'id' is a model field, sent as input.id" in done.stderr
 
 
 def test_the_text_batchrunner_puts_in_place_of_a_result_or_a_file_is_refused_where_written(write) -> None:  # type: ignore[no-untyped-def]
