@@ -459,6 +459,9 @@ def test_the_readme_pipeline_example_counts_prices_and_lists_its_steps_as_shown(
 
 def test_the_demo_is_a_pipeline_from_the_shipped_photos_and_its_gallery_shows_each_chain(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
+    planned = cli("plan", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path), cwd=root)
+    assert planned.returncode == 0
+    assert planned.stdout.endswith(f"  to run it: batchrunner run manifests/demo.yaml --sandbox --out {tmp_path}\n")
     done = cli("run", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path), cwd=root)
     assert done.returncode == 0, done.stderr
     report = report_of(tmp_path)
