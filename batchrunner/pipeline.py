@@ -120,6 +120,15 @@ def _lone(value: Any, text: str) -> bool:
     return True
 
 
+def _in_list(value: Any, text: str) -> bool:
+    """Whether ``{text}`` is an item of a list (a list of results there would be a list inside the list)."""
+    if isinstance(value, dict):
+        return any(_in_list(v, text) for v in value.values())
+    if isinstance(value, list):
+        return any(v == "{" + text + "}" or _in_list(v, text) for v in value)
+    return False
+
+
 class Links:
     """The references of one expansion: which job each job uses, the dimensions it inherits, the upstream ids per cell."""
 
@@ -236,6 +245,15 @@ class Links:
                     continue
                 if attr == "variant" and pin is not None:
                     x.problem(job.job.file, line, f"{job.where}.{key}: write {{{upstream}.variant}}, not {{{text}}}")
+                    self.broken.add(id(job))
+                    continue
+                if attr == "urls" and _in_list(value, text):
+                    x.problem(
+                        job.job.file,
+                        line,
+                        f"{job.where}.{key}: {{{text}}} is a list of results already: write it alone as the value "
+                        f'(imageURLList: "{{{text}}}"), not as an item of [ ] (that would send a list inside the list)',
+                    )
                     self.broken.add(id(job))
                     continue
                 if attr == "urls" and (pin is not None or not _lone(value, text)):

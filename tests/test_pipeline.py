@@ -667,3 +667,27 @@ def test_the_text_batchrunner_puts_in_place_of_a_result_or_a_file_is_refused_whe
     done = cli("plan", str(csv), "--sandbox")
     assert done.returncode == 2 and f"{csv}:2: jobs[0].prompt: contains 'batchrunner-result:'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_list_of_results_as_an_item_of_a_list_is_refused(write) -> None:  # type: ignore[no-untyped-def]
+    m = write(
+        "m.yaml",
+        """\
+matrix: {product: [lamp, chair]}
+jobs:
+  - id: hero
+    model: flux-2
+    prompt: "{product}"
+  - model: flux-kontext-pro
+    prompt: sheet
+    imageURLList: ["{hero.urls}", "{hero.urls}"]
+  - model: flux-kontext-pro
+    prompt: sheet
+    input: {image_urls: ["{hero.urls}"]}
+""",
+    )
+    found = problems(m)  # it was accepted: the API refused the first ([[…]]: not an array of URLs), the second went as [[…]]
+    assert [p.split(" — ")[0] if " — " in p else p.split(": write")[0] for p in found] == [
+        f"{m}:8: jobs[1].imageURLList: {{hero.urls}} is a list of results already",
+        f"{m}:11: jobs[2].input: {{hero.urls}} is a list of results already",
+    ], found
