@@ -691,3 +691,46 @@ jobs:
         f"{m}:8: jobs[1].imageURLList: {{hero.urls}} is a list of results already",
         f"{m}:11: jobs[2].input: {{hero.urls}} is a list of results already",
     ], found
+
+
+async def test_no_request_carries_the_key_or_the_apis_result_url_only_our_own_signed_copy(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    """Every generate body the API receives, recorded by a loopback proxy in front of the sandbox."""
+    import aiohttp
+    from aiohttp import web
+
+    m = write("chain.yaml", CHAIN)
+    bodies: list[bytes] = []
+    async with serve(sandbox()) as (sb, url), aiohttp.ClientSession() as session:
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            data = await request.read()
+            if request.method == "POST":
+                bodies.append(data)
+            headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type", "host")}
+            async with session.request(request.method, url + request.path_qs, data=data, headers=headers) as answer:
+                return web.Response(status=answer.status, body=await answer.read(), content_type=answer.content_type)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", forward)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            result = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=f"http://127.0.0.1:{port}")
+        finally:
+            await runner.cleanup()
+        assert result.outcome == "complete" and sb.stats.tasks_created == 12
+    assert len(bodies) == 12
+    sources = [json.loads(b)["input"]["image_url"] for b in bodies if "image_url" in json.loads(b)["input"]]
+    assert len(sources) == 8  # every cut-out and video
+    for body in bodies:
+        assert KEY.encode() not in body and b"apiKey" not in body and b"cliprise" not in body and RESULT_PREFIX.encode() not in body
+    for source in sources:  # a freshly signed URL to batchrunner's own loopback copy, content-addressed
+        assert source.startswith("http://127.0.0.1:") and f":{port}/" not in source and "sig=" in source
+    for item in tmp_path.rglob("*"):  # state, sidecars, reports, logs: neither the key nor a signature
+        if item.is_file():
+            data = item.read_bytes()
+            assert KEY.encode() not in data and b"apiKey" not in data, item
+            assert not any(text.split("?")[1].encode() in data for text in sources), item
