@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from . import pipeline
 from .errors import ManifestError, Problem, StateError
@@ -245,6 +246,21 @@ def _check_storage(plan: Plan | None, config: RunConfig) -> None:
                     f"{what} need object storage the API can fetch them from: add 'storage: {{url: s3://bucket/prefix}}' to the "
                     "manifest, pass --storage s3://bucket/prefix, or set BATCHRUNNER_STORAGE (credentials from AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY); --sandbox serves them itself",
+                )
+            ]
+        )
+    scheme = urlsplit(config.storage_url).scheme if config.storage_url else None
+    if (plan.input_at or plan.reference_at) is not None and scheme is not None and (scheme == "file" or len(scheme) <= 1):
+        file, line = plan.input_at or plan.reference_at  # type: ignore[misc]
+        what = "file: inputs" if plan.input_at else "other jobs' results ({ID.url})"
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    line,
+                    f"{what} need object storage the API can fetch them from, and the storage {config.storage_url} is a local "
+                    "folder (it would be sent file: URLs naming your disk): use s3://, gs:// or az:// storage"
+                    + ("; --sandbox without storage serves them itself" if config.backend == "sandbox" else ""),
                 )
             ]
         )

@@ -220,6 +220,13 @@ def test_a_real_run_of_a_pipeline_needs_storage_for_the_results(write) -> None: 
     m = write("m.yaml", CHAIN)
     done = cli("plan", str(m))
     assert done.returncode == 2 and f"{m}:11:" in done.stderr and "other jobs' results ({ID.url}) need object storage" in done.stderr
+    folder = m.parent / "kept"  # a local folder as storage: the API would be sent file: URLs naming the disk (it was accepted)
+    for args in ((), ("--sandbox",)):
+        done = cli("plan", str(m), "--storage", str(folder), *args)
+        assert done.returncode == 2 and f"{m}:11: other jobs' results ({{ID.url}}) need object storage" in done.stderr
+        assert f"the storage {folder} is a local folder" in done.stderr and "use s3://, gs:// or az:// storage" in done.stderr
+    done = cli("run", str(m), "--sandbox", "--storage", folder.as_uri(), "--out", str(m.parent / "out"))
+    assert done.returncode == 2 and "--sandbox without storage serves them itself" in done.stderr and not (m.parent / "out").exists()
 
 
 # -- running --------------------------------------------------------------------------------------
