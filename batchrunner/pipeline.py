@@ -24,8 +24,10 @@ presigned URL to batchrunner's own stored copy of the upstream result (never the
 
 **Errors** (file:line, before anything is sent): an unknown id, an id given twice (a
 reference to it would be ambiguous), a reference in ``model``/``path``/``callback_url``, a
-circular chain, a pinned variant the upstream does not make, ``{ID.urls}`` inside text, and
-a cell the upstream does not make (cells that do not line up).
+circular chain, a pinned variant the upstream does not make, ``{ID.urls}`` inside text or as
+an item of a list, a cell the upstream does not make (cells that do not line up; a job using
+``{ID.url}`` that sets a var of ``rows:`` itself: a row is taken whole), an upstream that
+cannot be rendered for a cell, and the token text itself written in a manifest.
 """
 
 from __future__ import annotations
