@@ -126,7 +126,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("  first paths:")
     for spec in plan.specs[:10]:
         print(f"    {spec.path}")
-    if not os.environ.get(_api.ENV_API_KEY):
+    if args.sandbox:
+        out = f" --out {shlex.quote(args.out)}" if args.out else ""
+        print(f"  to run it: batchrunner run {shlex.quote(args.manifest)} --sandbox{out}")
+    elif not os.environ.get(_api.ENV_API_KEY):
         print(f"  to run it: set {_api.ENV_API_KEY}, or try it on the embedded sandbox with --sandbox")
     return EXIT_OK
 

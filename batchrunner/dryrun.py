@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from . import pipeline
 from .errors import ManifestError, Problem, StateError
@@ -127,6 +128,7 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
         remade = pipeline.remade(plan.specs, finished)
         blocked = pipeline.blocked(plan.specs, finished, failed)
     done = files_gone = in_flight = ambiguous = stays_failed = to_submit = 0
+    gone: set[str] = set()  # finished jobs made again themselves (pipelines: plan says so per step)
     cost: float | None = 0.0
     unknown: set[str] = set()
     for job_id, spec_path, credits, model in jobs:
@@ -141,6 +143,7 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
                     done += 1
                     continue
                 files_gone += 1
+                gone.add(job_id)
             elif state == "done":
                 pass  # remade: an input is made again
             elif state == "submitted":
@@ -175,7 +178,9 @@ def preview(plan: Plan | None, config: RunConfig) -> Preview:
         ambiguous_before=snap.ambiguous if snap is not None else 0,
         resuming=bool(stored),
         rejected=sum(1 for job_id, *_ in jobs if snap is not None and job_id in snap.rejected),
-        redo=tuple(pipeline.reasons(plan.specs, stored.__contains__, remade)) if plan is not None and stored and plan.reference_at else (),
+        redo=tuple(pipeline.reasons(plan.specs, stored.__contains__, remade, gone | (snap.rejected if snap is not None else set())))
+        if plan is not None and stored and plan.reference_at
+        else (),
     )
     if plan is not None:
         _check_budget(plan, config.max_credits, result, unknown)
@@ -250,6 +255,21 @@ def _check_storage(plan: Plan | None, config: RunConfig) -> None:
                     f"{what} need object storage the API can fetch them from: add 'storage: {{url: s3://bucket/prefix}}' to the "
                     "manifest, pass --storage s3://bucket/prefix, or set BATCHRUNNER_STORAGE (credentials from AWS_ACCESS_KEY_ID / "
                     "AWS_SECRET_ACCESS_KEY); --sandbox serves them itself",
+                )
+            ]
+        )
+    scheme = urlsplit(config.storage_url).scheme if config.storage_url else None
+    if (plan.input_at or plan.reference_at) is not None and scheme is not None and (scheme == "file" or len(scheme) <= 1):
+        file, line = plan.input_at or plan.reference_at  # type: ignore[misc]
+        what = "file: inputs" if plan.input_at else "other jobs' results ({ID.url})"
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    line,
+                    f"{what} need object storage the API can fetch them from, and the storage {config.storage_url} is a local "
+                    "folder (it would be sent file: URLs naming your disk): use s3://, gs:// or az:// storage"
+                    + ("; --sandbox without storage serves them itself" if config.backend == "sandbox" else ""),
                 )
             ]
         )

@@ -623,9 +623,8 @@ def _yaml_manifest(path: Path, text: str, problems: list[Problem]) -> Manifest:
             csv_path = path.parent / csv_name
             csv_text = read_text(csv_path, MAX_CSV_BYTES, "jobs_csv", problems, line=where("jobs_csv"), cited=name)
             if csv_text is not None:
-                jobs.extend(
-                    JobDef(j.fields, len(jobs) + j.index, j.file) for j in _csv_jobs(csv_path, csv_text, problems, standalone=False)
-                )
+                first = len(jobs)  # not len(jobs) in the generator: it grows as extend takes each job
+                jobs.extend(JobDef(j.fields, first + j.index, j.file) for j in _csv_jobs(csv_path, csv_text, problems, standalone=False))
     if not jobs and "jobs" not in doc and "jobs_csv" not in doc:
         problems.append(Problem(name, doc.line or 1, "no jobs: add a 'jobs:' list or 'jobs_csv: file.csv'"))
     return Manifest(

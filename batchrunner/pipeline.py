@@ -24,24 +24,31 @@ presigned URL to batchrunner's own stored copy of the upstream result (never the
 
 **Errors** (file:line, before anything is sent): an unknown id, an id given twice (a
 reference to it would be ambiguous), a reference in ``model``/``path``/``callback_url``, a
-circular chain, a pinned variant the upstream does not make, ``{ID.urls}`` inside text, and
-a cell the upstream does not make (cells that do not line up).
+circular chain, a pinned variant the upstream does not make, ``{ID.urls}`` inside text or as
+an item of a list, a cell the upstream does not make (cells that do not line up; a job using
+``{ID.url}`` that sets a var of ``rows:`` itself: a row is taken whole), an upstream that
+cannot be rendered for a cell, and the token text itself written in a manifest.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import stat
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .errors import BatchRunnerError, StorageError, StorageUnavailable
+
 if TYPE_CHECKING:
     from .expand import JobSpec, _Expansion, _Job
+    from .inputs import InputFile, Inputs
     from .store import Job, Store
 
 RESULT_PREFIX = "batchrunner-result:"
@@ -115,6 +122,15 @@ def _lone(value: Any, text: str) -> bool:
     return True
 
 
+def _in_list(value: Any, text: str) -> bool:
+    """Whether ``{text}`` is an item of a list (a list of results there would be a list inside the list)."""
+    if isinstance(value, dict):
+        return any(_in_list(v, text) for v in value.values())
+    if isinstance(value, list):
+        return any(v == "{" + text + "}" or _in_list(v, text) for v in value)
+    return False
+
+
 class Links:
     """The references of one expansion: which job each job uses, the dimensions it inherits, the upstream ids per cell."""
 
@@ -124,17 +140,21 @@ class Links:
         self.cache: dict[tuple[str, str, int], str] = {}
         self.active = False
         self.broken: set[int] = set()  # id() of jobs with a problem in their id or references: not expanded
+        self._prepared: list[_Job] = []
+        self._rows: set[tuple[str, ...]] | None = None  # each row's values (a cell's row must be one of them)
 
     # -- linking: before anything is built ------------------------------------------------------
     def link(self, prepared: list[_Job]) -> list[_Job]:
         """Name the jobs, parse their references, refuse bad ones, inherit dimensions; returns the jobs still usable."""
         x = self.x
+        self._forged(prepared)
+        self._prepared = prepared
         for job in prepared:
             name = job.fields.get("id")
             if name is None:
                 continue
             line = job.fields.line_of("id")
-            if not isinstance(name, str) or not name.isidentifier():
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # ASCII, as a template's names
                 x.problem(job.job.file, line, f"{job.where}.id: must be a name of letters, digits and _ (such as hero), not {name!r}")
                 self.broken.add(id(job))
                 continue
@@ -158,10 +178,43 @@ class Links:
             if id(job) in self.broken or any(id(self.by_name[r.upstream]) in self.broken for r in job.refs):
                 self.broken.add(id(job))  # its own problem is reported; its dependents would only repeat it
                 continue
-            self._inherit(job)
-            usable.append(job)
+            if self._inherit(job):
+                usable.append(job)
         self.active = any(job.refs for job in usable)
         return [job for job in prepared if id(job) not in self.broken]
+
+    def _forged(self, prepared: list[_Job]) -> None:
+        """Refuse the text batchrunner puts in a body in place of a result or a local file until it is sent, written as such
+        (in a job, ``vars``, ``matrix`` or ``rows``): it would be replaced by a signed URL, or fail the job at its submit."""
+        from .inputs import TOKEN_PREFIX
+
+        what = {
+            RESULT_PREFIX: ("a job's result", "write {ID.url} to use the result of the job with id: ID"),
+            TOKEN_PREFIX: ("a local file", "write file:PATH"),
+        }
+
+        def check(value: Any, file: str, line: int | None, where: str) -> bool:
+            text = value if isinstance(value, str) else repr(value)
+            prefix = next((p for p in what if p in text), None)
+            if prefix is not None:
+                stands, instead = what[prefix]
+                self.x.problem(
+                    file,
+                    line,
+                    f"{where}: contains {prefix!r}, which batchrunner writes itself in place of {stands} until it is sent — {instead}",
+                )
+            return prefix is not None
+
+        manifest = self.x.manifest
+        check(manifest.vars, manifest.file, manifest.line_of("vars"), "vars")
+        check(manifest.matrix, manifest.file, manifest.line_of("matrix"), "matrix")
+        for i, row in enumerate(manifest.rows):
+            if check(row, manifest.file, manifest.line_of("rows"), f"rows (row {i + 1})"):
+                break
+        for job in prepared:
+            for key, value in job.fields.items():
+                if check(value, job.job.file, job.fields.line_of(key), f"{job.where}.{key}"):
+                    self.broken.add(id(job))
 
     def _refs(self, job: _Job) -> list[Ref]:
         x, refs = self.x, []
@@ -178,6 +231,8 @@ class Links:
                     hint = f"did you mean {{{close[0]}.{attr}}}?" if close else (
                         f"the jobs with an id: {', '.join(known)}" if known else "no job has an id: add 'id: NAME' to the job it means"
                     )  # fmt: skip
+                    if any(isinstance(j.fields.get("input"), dict) and j.fields["input"].get("id") == upstream for j in self._prepared):
+                        hint += " (a CSV column 'id' is a model field, sent as input.id: name the job with 'id:' in a YAML manifest)"
                     x.problem(job.job.file, line, f"{job.where}.{key} refers to {{{text}}}, but no job has id {upstream!r} — {hint}")
                     self.broken.add(id(job))
                     continue
@@ -192,6 +247,15 @@ class Links:
                     continue
                 if attr == "variant" and pin is not None:
                     x.problem(job.job.file, line, f"{job.where}.{key}: write {{{upstream}.variant}}, not {{{text}}}")
+                    self.broken.add(id(job))
+                    continue
+                if attr == "urls" and _in_list(value, text):
+                    x.problem(
+                        job.job.file,
+                        line,
+                        f"{job.where}.{key}: {{{text}}} is a list of results already: write it alone as the value "
+                        f'(imageURLList: "{{{text}}}"), not as an item of [ ] (that would send a list inside the list)',
+                    )
                     self.broken.add(id(job))
                     continue
                 if attr == "urls" and (pin is not None or not _lone(value, text)):
@@ -272,11 +336,30 @@ class Links:
                 self.broken.add(id(job))
         return out
 
-    def _inherit(self, job: _Job) -> None:
-        """A job using ``{U.url}`` varies over everything U varies over that it does not set itself, and over U's variants."""
+    def _inherit(self, job: _Job) -> bool:
+        """A job using ``{U.url}`` varies over everything U varies over that it does not set itself, and over U's variants.
+
+        False after a problem: it sets a var of ``rows:`` while it takes a result made once per row (a row is
+        taken whole; its vars cannot pin it as a matrix var can).
+        """
         if not any(ref.attr == "url" for ref in job.refs):
-            return
+            return True
         manifest = self.x.manifest
+        columns = list(manifest.rows[0]) if manifest.rows else []
+        for ref in job.refs:
+            up = self.by_name[ref.upstream]
+            pinned = [c for c in columns if c in job.job_vars or c in job.job_matrix]
+            if ref.attr == "url" and up.top[0] and pinned:
+                names = ", ".join(pinned)
+                self.x.problem(
+                    job.job.file,
+                    job.fields.line_of("vars" if pinned[0] in job.job_vars else "matrix"),
+                    f"{job.where}: sets {names} (of rows:) itself and uses {{{ref.text}}}, which {up.name} makes once per row — "
+                    f"a row is taken whole: remove {names} from this job (to use only some rows' results, take them with "
+                    f"{{{up.name}.urls}} in a job that sets {names})",
+                )
+                self.broken.add(id(job))
+                return False
         own = set(job.job_vars) | set(job.job_matrix)
         uses_rows, top_used = job.top
         top = set(top_used)
@@ -298,6 +381,7 @@ class Links:
         for values in job.job_matrix.values():
             count *= len(values)
         job.count = count
+        return True
 
     # -- expanding: one cell at a time ----------------------------------------------------------
     def values(self, job: _Job, env: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -332,6 +416,11 @@ class Links:
         free = {name: manifest.matrix[name] for name in up.top[1] if name not in bound}
         free |= {name: values for name, values in up.job_matrix.items() if name not in bound}
         rows: list[dict[str, Any]] = manifest.rows if up.top[0] and not job.top[0] else [{}]
+        if up.top[0] and not job.top[0] and (pinned := {k: str(v) for k, v in job.job_vars.items() if k in manifest.rows[0]}):
+            rows = [row for row in rows if all(str(row[k]) == v for k, v in pinned.items())]  # a var it sets pins the rows
+            if not rows:
+                shown = ", ".join(f"{k}={v!r}" for k, v in pinned.items())
+                raise ValueError(f"{{{up.name}.urls}}: no row has {shown}, so there are no results of {up.name} to take", "vars")
         for row in rows:
             for combo in _combos(free):
                 yield {**env, **row, **combo}
@@ -342,6 +431,7 @@ class Links:
         cell: dict[str, Any] = dict(manifest.vars)
         if up.top[0]:
             cell.update({name: env[name] for name in manifest.rows[0] if name in env})
+            self._a_row(job, ref, up, env)
         for name in up.top[1]:
             self._aligned(job, ref, up, name, env, manifest.matrix[name])
             cell[name] = env[name]
@@ -354,8 +444,37 @@ class Links:
         if hit is None:
             if len(self.cache) >= MAX_CACHE:
                 self.cache.clear()
-            hit = self.cache[key] = self.x.cell_id(up, cell, variant)
+            hit = self.cache[key] = self._render(up, cell, variant, ref)
         return hit
+
+    def _render(self, up: _Job, cell: dict[str, Any], variant: int, ref: Ref) -> str:
+        """``up``'s id for ``cell``; a cell it cannot be made for is ``up``'s own problem (reported on its line), named here as such."""
+        from .expand import _Missing
+
+        try:
+            return self.x.cell_id(up, cell, variant)
+        except (_Missing, ValueError) as exc:
+            why = f"{{{exc.name}}} is not defined" if isinstance(exc, _Missing) else str(exc.args[0])
+            raise ValueError(
+                f"{{{ref.text}}}: {up.name} cannot be made for this cell ({why}) — fix {up.name} (line {up.fields.line}) first",
+                ref.key,
+            ) from None
+
+    def _a_row(self, job: _Job, ref: Ref, up: _Job, env: dict[str, Any]) -> None:
+        """The row values of ``env`` must be one row of ``rows:`` together — a job that sets a row's var itself does not mix rows."""
+        columns = list(self.x.manifest.rows[0])
+        if self._rows is None:
+            self._rows = {tuple(str(row.get(c)) for c in columns) for row in self.x.manifest.rows}
+        if tuple(str(env.get(c)) for c in columns) in self._rows:
+            return
+        pinned = ", ".join(c for c in columns if c in job.job_vars) or "a column of the rows"
+        shown = ", ".join(f"{c}={env.get(c)!r}" for c in columns)
+        raise ValueError(
+            f"{{{ref.text}}}: this job's cell has {shown}, which is no row of rows: — {up.name} is made once per row, so the cells do "
+            f"not line up; do not set {pinned} in its vars (a row's values go together), or take the results of the rows "
+            f"you want with {{{up.name}.urls}}",
+            ref.key,
+        )
 
     @staticmethod
     def _aligned(job: _Job, ref: Ref, up: _Job, name: str, env: dict[str, Any], values: list[Any]) -> None:
@@ -449,12 +568,17 @@ def blocked(specs: Sequence[JobSpec], finished: Callable[[JobSpec], bool], faile
     return {s.id for s in specs if s.after and not finished(s) and any(map(stuck, s.after))}
 
 
-def reasons(specs: Sequence[JobSpec], known: Callable[[str], bool], redo: dict[str, str]) -> list[tuple[str, str, int]]:
-    """Why a re-run makes each pipeline job it makes: (step, reason, jobs), for ``plan`` of a folder run before."""
+def reasons(
+    specs: Sequence[JobSpec], known: Callable[[str], bool], redo: dict[str, str], again: Collection[str] = ()
+) -> list[tuple[str, str, int]]:
+    """Why a re-run makes each pipeline job it makes: (step, reason, jobs), for ``plan`` of a folder run before;
+    ``again``: finished jobs made again themselves (their file gone, or rejected in review)."""
     found: dict[tuple[str, str], int] = {}
     step_of = {s.id: label(s) for s in specs}
     for spec in specs:
-        if spec.id in redo:
+        if spec.id in again:
+            why = "its result file is gone, or was rejected in review"
+        elif spec.id in redo:
             why = f"results of {redo[spec.id]} it uses, directly or not, are made again (deleted, rejected or failed)"
         elif not known(spec.id):
             changed = [step_of[u] for u in spec.after if u in step_of and not known(u)]
@@ -512,6 +636,31 @@ def readable(value: Any, store: Store) -> Any:
     if isinstance(value, list):
         return [readable(v, store) for v in value]
     return value
+
+
+async def local_result_url(inputs: Inputs, file: InputFile, rel: str) -> str:
+    """A signed URL to the input store's copy of a local upstream result, put there first if it is not yet.
+
+    The result must still be the file that was made: a link, a folder or a file of another
+    size or content in its place (replaced or tampered with since) fails the job using it —
+    not the run — and is never read past its recorded size nor sent.
+    """
+    changed = f"input {rel} is not the file that was made (replaced or changed since) — delete it, and the next run makes it again"
+    try:
+        found = os.lstat(file.path)
+    except OSError:
+        raise StorageError(f"input {rel} is gone since it was made — run again to make it again") from None
+    if not stat.S_ISREG(found.st_mode) or found.st_size != file.bytes:
+        raise StorageError(changed)
+    try:
+        return await inputs.url(file)
+    except BaseExceptionGroup as group:  # the upload's task group wraps the one error
+        first = group.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        if isinstance(first, StorageUnavailable) or not isinstance(first, BatchRunnerError):
+            raise first from None
+        raise StorageError(changed if "changed while being stored" in first.message else first.message) from None
 
 
 def _input_names(body: Any) -> list[str]:

@@ -61,7 +61,7 @@ from .errors import (
 )
 from .expand import JobSpec, Plan, Specs, paused_gc
 from .inputs import CONTENT_TYPES, TOKEN_PREFIX, InputFile, Inputs, LoopbackStorage, resolve, tokens
-from .pipeline import Flow, result_ids, result_token
+from .pipeline import Flow, local_result_url, result_ids, result_token
 from .pipeline import resolve as resolve_results
 from .storage import SIDECAR, Storage, complete, open_storage
 from .store import NOT_RETRYABLE, REPOLL, RESUBMIT, SYNCED_META, Job, JobState, Store
@@ -401,7 +401,8 @@ class Runner:
         except ResultWriteError as exc:
             self._fail(job, exc.message, REPOLL)
         except StorageError as exc:  # a bucket refused one object: this job fails; the next run tries again
-            self._fail(job, exc.message, REPOLL if job.task_id else RESUBMIT)
+            # before its submit (an input not stored) a job remade keeps its old take's task id: not that task, a new one
+            self._fail(job, exc.message, REPOLL if job.task_id and job.state != JobState.PENDING else RESUBMIT)
         except UnknownTask as exc:
             self._fail(job, f"{exc.message}: it is resubmitted on the next run (and paid again)", RESUBMIT, repaid=1)
         except PermanentApiError as exc:
@@ -547,7 +548,7 @@ class Runner:
         ext = rel.rsplit(".", 1)[-1].lower()
         if ext not in CONTENT_TYPES:
             raise StorageError(f"input {rel} is not a media file the API can take ({ext})")
-        return await self.inputs.url(InputFile(self.config.out_dir / rel, sha256, size, ext))
+        return await local_result_url(self.inputs, InputFile(self.config.out_dir / rel, sha256, size, ext), rel)
 
     def _input_key(self, name: str) -> str:
         assert self.inputs is not None

@@ -220,6 +220,13 @@ def test_a_real_run_of_a_pipeline_needs_storage_for_the_results(write) -> None: 
     m = write("m.yaml", CHAIN)
     done = cli("plan", str(m))
     assert done.returncode == 2 and f"{m}:11:" in done.stderr and "other jobs' results ({ID.url}) need object storage" in done.stderr
+    folder = m.parent / "kept"  # a local folder as storage: the API would be sent file: URLs naming the disk (it was accepted)
+    for args in ((), ("--sandbox",)):
+        done = cli("plan", str(m), "--storage", str(folder), *args)
+        assert done.returncode == 2 and f"{m}:11: other jobs' results ({{ID.url}}) need object storage" in done.stderr
+        assert f"the storage {folder} is a local folder" in done.stderr and "use s3://, gs:// or az:// storage" in done.stderr
+    done = cli("run", str(m), "--sandbox", "--storage", folder.as_uri(), "--out", str(m.parent / "out"))
+    assert done.returncode == 2 and "--sandbox without storage serves them itself" in done.stderr and not (m.parent / "out").exists()
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -433,8 +440,9 @@ def test_plan_shows_steps_credits_and_why_a_rerun_makes_what_it_makes(write, tmp
     (out / "chair/1_1/hero.png").unlink()
     planned = json.loads(cli("plan", str(m), "--sandbox", "--out", str(out), "--json").stdout)
     assert planned["to_submit"] == 3 and planned["files_gone"] == 1
-    assert [(r["step"], r["jobs"]) for r in planned["redo"]] == [("cutout", 1), ("kling-video-turbo (line 12)", 1)]
-    assert all("results of hero it uses, directly or not, are made again" in r["why"] for r in planned["redo"])
+    assert [(r["step"], r["jobs"]) for r in planned["redo"]] == [("hero", 1), ("cutout", 1), ("kling-video-turbo (line 12)", 1)]
+    assert planned["redo"][0]["why"] == "its result file is gone, or was rejected in review"  # the hero itself: it was not listed
+    assert all("results of hero it uses, directly or not, are made again" in r["why"] for r in planned["redo"][1:])
     ran = cli("run", str(m), "--sandbox", "--out", str(out))
     assert ran.returncode == 0 and "ran 3 (3 done), skipped 9 already done" in ran.stdout
     status = cli("status", str(out)).stdout
@@ -458,6 +466,9 @@ def test_the_readme_pipeline_example_counts_prices_and_lists_its_steps_as_shown(
 
 def test_the_demo_is_a_pipeline_from_the_shipped_photos_and_its_gallery_shows_each_chain(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
+    planned = cli("plan", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path), cwd=root)
+    assert planned.returncode == 0
+    assert planned.stdout.endswith(f"  to run it: batchrunner run manifests/demo.yaml --sandbox --out {tmp_path}\n")
     done = cli("run", "manifests/demo.yaml", "--sandbox", "--out", str(tmp_path), cwd=root)
     assert done.returncode == 0, done.stderr
     report = report_of(tmp_path)
@@ -550,3 +561,183 @@ def test_waiting_jobs_show_in_status_and_the_report(write, tmp_path: Path) -> No
     page = (out / "report.html").read_text()
     assert page.count('data-state="waiting"') == 8 and "waiting for its inputs (other jobs&#x27; results)" in page
     assert {j["state"] for j in json.loads((out / "report.json").read_text())["jobs"]} == {"pending", "waiting"}
+
+
+async def test_an_upstream_result_replaced_or_changed_since_fails_its_dependents_only_and_is_never_sent(
+    tmp_path: Path,
+    write,  # type: ignore[no-untyped-def]
+) -> None:
+    m = write("chain.yaml", CHAIN)
+    async with serve(sandbox()) as (sb, url):
+        await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert sb.stats.tasks_created == 12
+        secret = tmp_path.parent / "secret.png"  # a file outside the campaign: a link to it must never be read and sent
+        secret.write_bytes(make_png(40, 40, lambda x, y: (x, y, 7)))
+        (tmp_path / "lamp/1_1/hero.png").unlink()
+        (tmp_path / "lamp/1_1/hero.png").symlink_to(secret)
+        changed = tmp_path / "chair/1_1/hero.png"  # the same size, other bytes
+        data = bytearray(changed.read_bytes())
+        data[-13] ^= 0xFF
+        changed.write_bytes(bytes(data))
+        for copy in (tmp_path / ".batchrunner" / "inputs").iterdir():  # no verified copy left to serve instead
+            copy.unlink()
+        for cell in ("lamp/1_1", "chair/1_1"):
+            (tmp_path / cell / "cutout.png").unlink()
+        result = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)  # no run-level error
+        assert result.outcome == "failed" and result.counts == {"done": 8, "failed": 4}
+        assert sb.stats.tasks_created == 12  # nothing sent
+        assert sha(secret.read_bytes()) not in sb.stats.inputs_by_sha
+        rows = chains(tmp_path)
+        for cell in ("lamp/1_1", "chair/1_1"):
+            error = rows[f"{cell}/cutout.{{ext}}"]["error"]
+            assert error.startswith(f"input {cell}/hero.png is not the file that was made") and "delete it" in error
+            assert rows[f"{cell}/video.{{ext}}"]["error"] == f"input {cell}/cutout failed"
+        for cell in ("lamp/1_1", "chair/1_1"):  # as the message says: delete them, run again
+            (tmp_path / cell / "hero.png").unlink()
+        again = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=url)
+        assert again.outcome == "complete" and again.counts == {"done": 12}
+        tasks = sb.tasks
+    rows = chains(tmp_path)
+    for cell in ("lamp/1_1", "chair/1_1"):
+        hero, cutout = rows[f"{cell}/hero.{{ext}}"], rows[f"{cell}/cutout.{{ext}}"]
+        assert dict(tasks[cutout["task_id"]].inputs) == {"input.image_url": hero["sha256"]}
+    report_of(tmp_path)
+
+
+def test_rows_are_taken_whole_and_an_upstream_that_cannot_be_made_is_named_on_the_referring_line(write) -> None:  # type: ignore[no-untyped-def]
+    write("rows.csv", "product,color\nlamp,red\nchair,blue\n")
+    head = 'rows: rows.csv\npath: "{step}-{job_id}.{ext}"\njobs:\n  - id: hero\n    model: flux-2\n    prompt: "{product} in {color}"\n'
+    cut = '  - id: cut\n    model: recraft-remove-bg\n    vars: {product: lamp}\n    input: {image_url: "{hero.url}"}\n'
+    pinned = write("pinned.yaml", head + cut)
+    found = problems(pinned)  # it was accepted: a cut-out of lamp in blue, waiting for a hero no job makes, forever
+    assert len(found) == 1 and found[0].startswith(f"{pinned}:9: jobs[1]: sets product (of rows:) itself and uses {{hero.url}}")
+    assert "a row is taken whole" in found[0] and "{hero.urls}" in found[0]
+    mixed = write("mixed.yaml", head + cut.replace("vars: {product: lamp}", "matrix: {product: [lamp, sofa]}"))
+    assert problems(mixed)[0].startswith(f"{mixed}:9: jobs[1]: sets product (of rows:) itself")
+    sheet = '  - id: sheet\n    model: flux-kontext-pro\n    prompt: sheet\n    vars: {product: PICK}\n    imageURLList: "{hero.urls}"\n'
+    plan = plan_of(write("fanin.yaml", head + sheet.replace("PICK", "lamp")))  # a var it sets pins the rows it takes
+    heroes = {s.vars["product"]: s.id for s in by(plan, "flux-2")}
+    (taken,) = by(plan, "flux-kontext-pro")
+    assert taken.after == (heroes["lamp"],) and json.loads(taken.body["imageURLList"]) == [RESULT_PREFIX + heroes["lamp"]]
+    none = write("none.yaml", head + sheet.replace("PICK", "sofa"))
+    assert problems(none) == [f"{none}:10: jobs[1].vars: {{hero.urls}}: no row has product='sofa', so there are no results of hero to take"]
+    broken = write(
+        "broken.yaml",
+        'jobs:\n  - id: y\n    model: flux-2\n    prompt: "{nothing}"\n  - model: recraft-remove-bg\n    input: {image_url: "{y.url}"}\n',
+    )
+    assert problems(broken) == [
+        f"{broken}:4: jobs[0].prompt uses {{nothing}}, which is not defined (defined: none)",
+        f"{broken}:6: jobs[1].input: {{y.url}}: y cannot be made for this cell ({{nothing}} is not defined) — fix y (line 2) first",
+    ]  # it said "jobs[1].prompt uses {nothing}" (a field it does not have)
+
+
+def test_an_id_a_reference_cannot_name_is_refused_on_its_own_line(write) -> None:  # type: ignore[no-untyped-def]
+    m = write(
+        "m.yaml",
+        'jobs:\n  - id: élan\n    model: flux-2\n    prompt: "x"\n  - model: recraft-remove-bg\n    input: {image_url: "{élan.url}"}\n',
+    )
+    found = problems(m)  # it was accepted, and its reference refused as "not a plain variable name"
+    assert found[0] == f"{m}:2: jobs[0].id: must be a name of letters, digits and _ (such as hero), not 'élan'", found
+
+
+def test_jobs_from_a_jobs_csv_are_numbered_in_order(write) -> None:  # type: ignore[no-untyped-def]
+    write("more.csv", "model,image_url\nrecraft-remove-bg,{hero.url}\nrecraft-remove-bg,{nope.url}\nrecraft-remove-bg,{hero.7.url}\n")
+    m = write("m.yaml", 'jobs_csv: more.csv\njobs:\n  - id: hero\n    model: flux-2\n    prompt: "a lamp"\n')
+    found = problems(m)
+    assert any(p.startswith(f"{m.parent / 'more.csv'}:3: jobs[2].input refers to {{nope.url}}") for p in found), found
+    assert any(p.startswith(f"{m.parent / 'more.csv'}:4: jobs[3].input: {{hero.7.url}} pins variant 7") for p in found), found
+    csv = write("c.csv", "id,model,prompt,image_url\nhero,flux-2,a lamp,\n,recraft-remove-bg,,{hero.url}\n")
+    done = cli("plan", str(csv), "--sandbox")  # a CSV's id column is a model field, as documented: say so where it matters
+    assert done.returncode == 2 and f"{csv}:3: jobs[1].input refers to {{hero.url}}, but no job has id 'hero'" in done.stderr
+    assert "a CSV column 'id' is a model field, sent as input.id" in done.stderr
+
+
+def test_the_text_batchrunner_puts_in_place_of_a_result_or_a_file_is_refused_where_written(write) -> None:  # type: ignore[no-untyped-def]
+    # it was accepted, then sent with a signed URL to another job's result in its place, or failed at its submit
+    # ("no storage is configured", even with --sandbox)
+    m = write(
+        "m.yaml",
+        'jobs:\n  - id: hero\n    model: flux-2\n    prompt: "a lamp"\n  - model: flux-2\n'
+        '    prompt: "about batchrunner-result:0123456789abcdef0123"\n',
+    )
+    assert problems(m) == [
+        f"{m}:6: jobs[1].prompt: contains 'batchrunner-result:', which batchrunner writes itself in place of a job's result "
+        "until it is sent — write {ID.url} to use the result of the job with id: ID"
+    ]
+    write("rows.csv", "product,note\nlamp,batchrunner-input:abc.png\n")
+    rows = write("rows.yaml", 'rows: rows.csv\njobs:\n  - model: flux-2\n    prompt: "{product} {note}"\n')
+    assert problems(rows) == [
+        f"{rows}:1: rows (row 1): contains 'batchrunner-input:', which batchrunner writes itself in place of a local file "
+        "until it is sent — write file:PATH"
+    ]
+    csv = write("c.csv", "model,prompt\nflux-2,see batchrunner-result:0123456789abcdef0123\n")
+    done = cli("plan", str(csv), "--sandbox")
+    assert done.returncode == 2 and f"{csv}:2: jobs[0].prompt: contains 'batchrunner-result:'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_list_of_results_as_an_item_of_a_list_is_refused(write) -> None:  # type: ignore[no-untyped-def]
+    m = write(
+        "m.yaml",
+        """\
+matrix: {product: [lamp, chair]}
+jobs:
+  - id: hero
+    model: flux-2
+    prompt: "{product}"
+  - model: flux-kontext-pro
+    prompt: sheet
+    imageURLList: ["{hero.urls}", "{hero.urls}"]
+  - model: flux-kontext-pro
+    prompt: sheet
+    input: {image_urls: ["{hero.urls}"]}
+""",
+    )
+    found = problems(m)  # it was accepted: the API refused the first ([[…]]: not an array of URLs), the second went as [[…]]
+    assert [p.split(" — ")[0] if " — " in p else p.split(": write")[0] for p in found] == [
+        f"{m}:8: jobs[1].imageURLList: {{hero.urls}} is a list of results already",
+        f"{m}:11: jobs[2].input: {{hero.urls}} is a list of results already",
+    ], found
+
+
+async def test_no_request_carries_the_key_or_the_apis_result_url_only_our_own_signed_copy(tmp_path: Path, write) -> None:  # type: ignore[no-untyped-def]
+    """Every generate body the API receives, recorded by a loopback proxy in front of the sandbox."""
+    import aiohttp
+    from aiohttp import web
+
+    m = write("chain.yaml", CHAIN)
+    bodies: list[bytes] = []
+    async with serve(sandbox()) as (sb, url), aiohttp.ClientSession() as session:
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            data = await request.read()
+            if request.method == "POST":
+                bodies.append(data)
+            headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type", "host")}
+            async with session.request(request.method, url + request.path_qs, data=data, headers=headers) as answer:
+                return web.Response(status=answer.status, body=await answer.read(), content_type=answer.content_type)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", forward)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            result = await run_campaign(plan_of(m), cfg(tmp_path), api_key=KEY, base_url=f"http://127.0.0.1:{port}")
+        finally:
+            await runner.cleanup()
+        assert result.outcome == "complete" and sb.stats.tasks_created == 12
+    assert len(bodies) == 12
+    sources = [json.loads(b)["input"]["image_url"] for b in bodies if "image_url" in json.loads(b)["input"]]
+    assert len(sources) == 8  # every cut-out and video
+    for body in bodies:
+        assert KEY.encode() not in body and b"apiKey" not in body and b"cliprise" not in body and RESULT_PREFIX.encode() not in body
+    for source in sources:  # a freshly signed URL to batchrunner's own loopback copy, content-addressed
+        assert source.startswith("http://127.0.0.1:") and f":{port}/" not in source and "sig=" in source
+    for item in tmp_path.rglob("*"):  # state, sidecars, reports, logs: neither the key nor a signature
+        if item.is_file():
+            data = item.read_bytes()
+            assert KEY.encode() not in data and b"apiKey" not in data, item
+            assert not any(text.split("?")[1].encode() in data for text in sources), item
