@@ -821,6 +821,12 @@ async def _campaign(
             outcome = "interrupted"
         elif runner.stop_reason is not None:
             outcome, error = "stopped", runner.stop_reason
+        elif counts.get("waiting"):  # a safety net: the plan's check refuses every known way for an input never to be made
+            n = counts["waiting"]
+            outcome, error = (
+                "stopped",
+                f"{n} job(s) still wait for inputs no job made — see `batchrunner status`; the manifest's references need a look",
+            )
         else:
             outcome = "failed" if counts.get("failed") else "complete"
     except BatchRunnerError as exc:

@@ -741,3 +741,24 @@ async def test_no_request_carries_the_key_or_the_apis_result_url_only_our_own_si
             data = item.read_bytes()
             assert KEY.encode() not in data and b"apiKey" not in data, item
             assert not any(text.split("?")[1].encode() in data for text in sources), item
+
+
+def test_a_run_that_leaves_jobs_waiting_says_so_and_is_not_complete(write, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # a safety net: every known way for an input never to be made is refused when the manifest is read, so the state
+    # is tampered with here — one finished job is made to wait for a job that does not exist
+    import sqlite3
+
+    m = write("chain.yaml", CHAIN)
+    out = tmp_path / "out"
+    assert cli("run", str(m), "--sandbox", "--out", str(out)).returncode == 0
+    conn = sqlite3.connect(out / ".batchrunner" / "state.sqlite")
+    with conn:
+        (victim,) = conn.execute("SELECT id FROM jobs WHERE spec LIKE '%cutout%' ORDER BY id LIMIT 1").fetchone()
+        conn.execute("UPDATE jobs SET state = 'waiting' WHERE id = ?", (victim,))
+        conn.execute("INSERT INTO needs (job, upstream) VALUES (?, ?)", (victim, "0" * 16))
+    conn.close()
+    again = cli("run", str(m), "--sandbox", "--out", str(out))
+    assert again.returncode == 1, again.stdout + again.stderr
+    # the job, and the video made from it (made again, as its input is): both wait
+    assert "2 job(s) still wait for inputs no job made" in again.stderr
+    assert json.loads(cli("status", str(out), "--json").stdout)["counts"]["waiting"] == 2
