@@ -244,35 +244,22 @@ def _check_storage(plan: Plan | None, config: RunConfig) -> None:
     """Refuse (as bad input) ``file:`` inputs with nowhere to upload them, and no local copies with nowhere else to keep results."""
     if plan is None:
         return
-    if (plan.input_at or plan.reference_at) is not None and config.storage_url is None and config.backend != "sandbox":
-        file, line = plan.input_at or plan.reference_at  # type: ignore[misc]
-        what = "file: inputs" if plan.input_at else "other jobs' results ({ID.url})"
-        raise ManifestError(
-            [
-                Problem(
-                    file,
-                    line,
-                    f"{what} need object storage the API can fetch them from: add 'storage: {{url: s3://bucket/prefix}}' to the "
-                    "manifest, pass --storage s3://bucket/prefix, or set BATCHRUNNER_STORAGE (credentials from AWS_ACCESS_KEY_ID / "
-                    "AWS_SECRET_ACCESS_KEY); --sandbox serves them itself",
-                )
-            ]
-        )
+    at = plan.input_at or plan.reference_at  # the first value that must reach the API as a URL to our own copy
     scheme = urlsplit(config.storage_url).scheme if config.storage_url else None
-    if (plan.input_at or plan.reference_at) is not None and scheme is not None and (scheme == "file" or len(scheme) <= 1):
-        file, line = plan.input_at or plan.reference_at  # type: ignore[misc]
-        what = "file: inputs" if plan.input_at else "other jobs' results ({ID.url})"
-        raise ManifestError(
-            [
-                Problem(
-                    file,
-                    line,
-                    f"{what} need object storage the API can fetch them from, and the storage {config.storage_url} is a local "
-                    "folder (it would be sent file: URLs naming your disk): use s3://, gs:// or az:// storage"
-                    + ("; --sandbox without storage serves them itself" if config.backend == "sandbox" else ""),
-                )
-            ]
+    why = None
+    if at is not None and config.storage_url is None and config.backend != "sandbox":
+        why = (
+            "add 'storage: {url: s3://bucket/prefix}' to the manifest, pass --storage s3://bucket/prefix, or set "
+            "BATCHRUNNER_STORAGE (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); --sandbox serves them itself"
         )
+    elif at is not None and scheme is not None and (scheme == "file" or len(scheme) <= 1):
+        why = (
+            f"the storage {config.storage_url} is a local folder (it would be sent file: URLs naming your disk): use s3://, "
+            "gs:// or az:// storage" + ("; --sandbox without storage serves them itself" if config.backend == "sandbox" else "")
+        )
+    if at is not None and why is not None:
+        what = "file: inputs" if plan.input_at else "other jobs' results ({ID.url})"
+        raise ManifestError([Problem(at[0], at[1], f"{what} need object storage the API can fetch them from: {why}")])
     if not config.keep_local and config.storage_url is None:
         kept = plan.manifest.storage
         raise ManifestError(
