@@ -107,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "paths": [s.path for s in plan.specs[:10]],
             "warnings": plan.warnings,
         }
-        if steps := pipeline.steps(plan.specs):  # pipelines
+        if plan.reference_at is not None and (steps := pipeline.steps(plan.specs)):  # pipelines (a pass over every job)
             data["steps"] = [{"step": s.name, "model": s.model, "jobs": s.jobs, "credits": s.credits, "uses": s.uses} for s in steps]
             data["redo"] = [{"step": step, "why": why, "jobs": n} for step, why, n in start.redo]
         print(json.dumps(data, indent=2))
@@ -136,7 +136,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _print_steps(plan: Plan, start: Preview) -> None:
     """A pipeline's steps (jobs, credits, the steps each uses), and why a re-run makes what it makes."""
-    steps = pipeline.steps(plan.specs)
+    steps = pipeline.steps(plan.specs) if plan.reference_at is not None else []  # a pass over every job: pipelines only
     if not steps:
         return
     print("  steps (a job waits for the results it uses; every step shares the concurrency):")
