@@ -143,10 +143,14 @@ class Links:
         self._prepared: list[_Job] = []
         self._rows: set[tuple[str, ...]] | None = None  # each row's values (a cell's row must be one of them)
 
+    def _refuse(self, job: _Job, line: int | None, message: str) -> None:
+        """A problem in ``job``'s id or references: said once; the job (and what uses it) is not expanded."""
+        self.x.problem(job.job.file, line, message)
+        self.broken.add(id(job))
+
     # -- linking: before anything is built ------------------------------------------------------
     def link(self, prepared: list[_Job]) -> list[_Job]:
         """Name the jobs, parse their references, refuse bad ones, inherit dimensions; returns the jobs still usable."""
-        x = self.x
         self._forged(prepared)
         self._prepared = prepared
         for job in prepared:
@@ -155,18 +159,16 @@ class Links:
                 continue
             line = job.fields.line_of("id")
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # ASCII, as a template's names
-                x.problem(job.job.file, line, f"{job.where}.id: must be a name of letters, digits and _ (such as hero), not {name!r}")
-                self.broken.add(id(job))
+                self._refuse(job, line, f"{job.where}.id: must be a name of letters, digits and _ (such as hero), not {name!r}")
                 continue
             twin = self.by_name.get(name)
             if twin is not None:
-                x.problem(
-                    job.job.file,
+                self._refuse(
+                    job,
                     line,
                     f"{job.where}.id: {name!r} is also the id of {twin.where} (line {twin.fields.line}) — a reference "
                     f"{{{name}.url}} would be ambiguous; give each job its own id",
                 )
-                self.broken.add(id(job))
                 continue
             self.by_name[name] = job
             job.name = name
@@ -217,7 +219,7 @@ class Links:
                     self.broken.add(id(job))
 
     def _refs(self, job: _Job) -> list[Ref]:
-        x, refs = self.x, []
+        refs: list[Ref] = []
         for key, value in job.fields.items():
             for text in dict.fromkeys(_names(value)):
                 m = REFERENCE.fullmatch(text)
@@ -233,49 +235,43 @@ class Links:
                     )  # fmt: skip
                     if any(isinstance(j.fields.get("input"), dict) and j.fields["input"].get("id") == upstream for j in self._prepared):
                         hint += " (a CSV column 'id' is a model field, sent as input.id: name the job with 'id:' in a YAML manifest)"
-                    x.problem(job.job.file, line, f"{job.where}.{key} refers to {{{text}}}, but no job has id {upstream!r} — {hint}")
-                    self.broken.add(id(job))
+                    self._refuse(job, line, f"{job.where}.{key} refers to {{{text}}}, but no job has id {upstream!r} — {hint}")
                     continue
                 if key in NO_REFERENCES and not (attr == "variant" and key == "path"):
-                    x.problem(
-                        job.job.file,
+                    self._refuse(
+                        job,
                         line,
                         f"{job.where}.{key}: {{{text}}} is a reference to another job's result — references go in input "
                         "fields (input, prompt, options, imageURLList, videoURLList)",
                     )
-                    self.broken.add(id(job))
                     continue
                 if attr == "variant" and pin is not None:
-                    x.problem(job.job.file, line, f"{job.where}.{key}: write {{{upstream}.variant}}, not {{{text}}}")
-                    self.broken.add(id(job))
+                    self._refuse(job, line, f"{job.where}.{key}: write {{{upstream}.variant}}, not {{{text}}}")
                     continue
                 if attr == "urls" and _in_list(value, text):
-                    x.problem(
-                        job.job.file,
+                    self._refuse(
+                        job,
                         line,
                         f"{job.where}.{key}: {{{text}}} is a list of results already: write it alone as the value "
                         f'(imageURLList: "{{{text}}}"), not as an item of [ ] (that would send a list inside the list)',
                     )
-                    self.broken.add(id(job))
                     continue
                 if attr == "urls" and (pin is not None or not _lone(value, text)):
-                    x.problem(
-                        job.job.file,
+                    self._refuse(
+                        job,
                         line,
                         f"{job.where}.{key}: {{{text}}} is a list of results: use {{{upstream}.urls}} alone as a value "
                         f'(imageURLList: "{{{upstream}.urls}}"), or {{{upstream}.url}} for one result',
                     )
-                    self.broken.add(id(job))
                     continue
                 up = self.by_name[upstream]
                 if pin is not None and not 1 <= pin <= up.variants:
-                    x.problem(
-                        job.job.file,
+                    self._refuse(
+                        job,
                         line,
                         f"{job.where}.{key}: {{{text}}} pins variant {pin}, but {upstream} makes variants 1–{up.variants} — "
                         f"use one of those, or {{{upstream}.url}} for every variant",
                     )
-                    self.broken.add(id(job))
                     continue
                 refs.append(Ref(text, upstream, pin, attr, key))
         return refs
@@ -300,8 +296,7 @@ class Links:
             depth[id(job)] = 1 + max((depth[id(u)] for u in uses[id(job)]), default=0)
             if depth[id(job)] == MAX_STEPS + 1:
                 text = f"{job.where}: it ends a chain of more than {MAX_STEPS} steps — shorten the pipeline"
-                x.problem(job.job.file, job.fields.line_of("id"), text)
-                self.broken.add(id(job))
+                self._refuse(job, job.fields.line_of("id"), text)
             out.append(job)
             for user in users.get(id(job), []):
                 waiting[id(user)] -= 1
@@ -351,14 +346,13 @@ class Links:
             pinned = [c for c in columns if c in job.job_vars or c in job.job_matrix]
             if ref.attr == "url" and up.top[0] and pinned:
                 names = ", ".join(pinned)
-                self.x.problem(
-                    job.job.file,
+                self._refuse(
+                    job,
                     job.fields.line_of("vars" if pinned[0] in job.job_vars else "matrix"),
                     f"{job.where}: sets {names} (of rows:) itself and uses {{{ref.text}}}, which {up.name} makes once per row — "
                     f"a row is taken whole: remove {names} from this job (to use only some rows' results, take them with "
                     f"{{{up.name}.urls}} in a job that sets {names})",
                 )
-                self.broken.add(id(job))
                 return False
         own = set(job.job_vars) | set(job.job_matrix)
         uses_rows, top_used = job.top
