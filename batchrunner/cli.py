@@ -490,22 +490,38 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SANDBOX_SHARES = (  # the sandbox's faults drawn per request, task or callback: SandboxConfig field, what it is a share of
+    ("p_429", "share of requests answered 429"),
+    ("p_5xx", "share of requests answered JSON 503"),
+    ("p_html502", "share of requests answered an HTML 502 page"),
+    ("p_drop", "share of requests whose connection is dropped"),
+    ("p_callback_drop", "share of callbacks never sent"),
+    ("p_callback_duplicate", "share of callbacks sent twice"),
+    ("p_callback_reorder", "share of callbacks held back behind the next one"),
+    ("p_callback_early", "share of tasks also called back when created"),
+    ("p_truncate", "share of results cut after their Content-Length"),
+    ("p_truncate_chunked", "share of results sent chunked and cut mid-stream"),
+    ("p_truncate_eof", "share of results sent without Content-Length or chunking, half of them, then the connection closed"),
+    ("p_random_body", "share of results that are random bytes declared image/png…"),
+    ("p_denied_page", "share of results that are an XML 'Access denied' page as application/octet-stream"),
+    ("p_slow_body", "share of results sent one byte every --slow-body-interval"),
+    ("p_no_file", "share of success answers without a file: no fileURL, JSON for download=true"),
+    ("p_status_word", 'share of status answers that are {"status": WORD}'),
+)
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from .sandbox import SandboxConfig, serve
 
     config = SandboxConfig(
         api_key=args.key, seed=args.seed, time_scale=args.time_scale, failure_rate=args.failure_rate,
-        p_429=args.p_429, retry_after=args.retry_after, retry_after_s=args.retry_after_s,
-        p_5xx=args.p_5xx, p_html502=args.p_html502, p_drop=args.p_drop, p_truncate=args.p_truncate,
-        p_truncate_chunked=args.p_truncate_chunked, p_truncate_eof=args.p_truncate_eof, p_random_body=args.p_random_body,
-        p_denied_page=args.p_denied_page, p_slow_body=args.p_slow_body, slow_body_interval_s=args.slow_body_interval,
-        p_no_file=args.p_no_file, p_status_word=args.p_status_word, status_word=args.status_word, status_word_http=args.status_word_http,
+        retry_after=args.retry_after, retry_after_s=args.retry_after_s, slow_body_interval_s=args.slow_body_interval,
+        status_word=args.status_word, status_word_http=args.status_word_http,
         fault_prompt=args.fault_prompt, revoke_key_after=args.revoke_key_after,
         tasks_file=Path(args.tasks_file) if args.tasks_file else None, forget_tasks=args.forget_tasks,
         rate_limit_per_s=args.rate_limit, shape=args.shape, credits=args.credits,
-        video_min_bytes=args.video_min_bytes, chunked_media=args.chunked_media,
-        p_callback_drop=args.p_callback_drop, p_callback_duplicate=args.p_callback_duplicate,
-        p_callback_reorder=args.p_callback_reorder, p_callback_early=args.p_callback_early, callback_delay_s=args.callback_delay,
+        video_min_bytes=args.video_min_bytes, chunked_media=args.chunked_media, callback_delay_s=args.callback_delay,
+        **{field: getattr(args, field) for field, _ in SANDBOX_SHARES},
     )  # fmt: skip
 
     async def serve_forever() -> None:
@@ -766,56 +782,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every drawn duration and fault (default %(default)s)")
     p.add_argument("--time-scale", type=float, default=1.0, help="real seconds per simulated second (default %(default)s)")
     p.add_argument("--failure-rate", type=float, default=0.0, help="share of tasks that fail (default %(default)s)")
-    p.add_argument("--p-429", type=float, default=0.0, help="share of requests answered 429 (default %(default)s)")
+    for field, what in SANDBOX_SHARES:
+        p.add_argument("--" + field.replace("_", "-"), type=float, default=0.0, help=f"{what} (default %(default)s)")
     p.add_argument(
         "--retry-after", choices=("seconds", "date", "none"), default="seconds", help="how a 429 gives Retry-After (default %(default)s)"
     )
     p.add_argument("--retry-after-s", type=float, default=1.0, help="the Retry-After of a 429, e.g. 86400 (default %(default)s)")
-    p.add_argument("--p-5xx", type=float, default=0.0, help="share of requests answered JSON 503 (default %(default)s)")
-    p.add_argument("--p-html502", type=float, default=0.0, help="share of requests answered an HTML 502 page (default %(default)s)")
-    p.add_argument("--p-drop", type=float, default=0.0, help="share of requests whose connection is dropped (default %(default)s)")
-    p.add_argument("--p-callback-drop", type=float, default=0.0, help="share of callbacks never sent (default %(default)s)")
-    p.add_argument("--p-callback-duplicate", type=float, default=0.0, help="share of callbacks sent twice (default %(default)s)")
-    p.add_argument(
-        "--p-callback-reorder", type=float, default=0.0, help="share of callbacks held back behind the next one (default %(default)s)"
-    )
-    p.add_argument("--p-callback-early", type=float, default=0.0, help="share of tasks also called back when created (default %(default)s)")
     p.add_argument(
         "--callback-delay", type=float, default=0.0, help="callbacks come up to this many simulated seconds late (default %(default)s)"
     )
-    p.add_argument("--p-truncate", type=float, default=0.0, help="share of results cut after their Content-Length (default %(default)s)")
-    p.add_argument(
-        "--p-truncate-chunked", type=float, default=0.0, help="share of results sent chunked and cut mid-stream (default %(default)s)"
-    )
-    p.add_argument(
-        "--p-truncate-eof",
-        type=float,
-        default=0.0,
-        help="share of results sent without Content-Length or chunking, half of them, then the connection closed (default %(default)s)",
-    )
-    p.add_argument(
-        "--p-random-body", type=float, default=0.0, help="share of results that are random bytes declared image/png… (default %(default)s)"
-    )
-    p.add_argument(
-        "--p-denied-page",
-        type=float,
-        default=0.0,
-        help="share of results that are an XML 'Access denied' page as application/octet-stream (default %(default)s)",
-    )
-    p.add_argument(
-        "--p-slow-body", type=float, default=0.0, help="share of results sent one byte every --slow-body-interval (default %(default)s)"
-    )
     p.add_argument(
         "--slow-body-interval", type=float, default=5.0, help="real seconds between the bytes of a slow body (default %(default)s)"
-    )
-    p.add_argument(
-        "--p-no-file",
-        type=float,
-        default=0.0,
-        help="share of success answers without a file: no fileURL, JSON for download=true (default %(default)s)",
-    )
-    p.add_argument(
-        "--p-status-word", type=float, default=0.0, help='share of status answers that are {"status": WORD} (default %(default)s)'
     )
     p.add_argument("--status-word", default="queued_for_review", help="that WORD, e.g. cancelled, error, rejected (default %(default)s)")
     p.add_argument("--status-word-http", type=int, default=200, help="the HTTP status answered with it (default %(default)s)")
